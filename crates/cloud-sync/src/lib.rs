@@ -1,0 +1,1 @@
+//! Edge-to-cloud store-and-forward over NATS JetStream with deterministic message ids.

@@ -1,0 +1,1 @@
+//! What every Keel service shares: flags, tracing, health and readiness, metrics, NATS, shutdown, errors.

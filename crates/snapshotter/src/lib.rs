@@ -1,0 +1,1 @@
+//! Atomic, checksummed snapshot files and recovery (newest valid snapshot + log-tail replay).

@@ -1,0 +1,1 @@
+//! Per-arm motion plans, sensor ingest and fail-safe stop, on the event log.

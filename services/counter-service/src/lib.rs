@@ -1,0 +1,1 @@
+//! Production counters, registers and sets replicated as CRDTs.

@@ -1,0 +1,1 @@
+//! Ships safety state and counter aggregates to the cloud and pulls configuration down.

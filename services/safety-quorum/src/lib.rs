@@ -1,0 +1,1 @@
+//! The e-stop flag, replicated by Raft across the floor.
