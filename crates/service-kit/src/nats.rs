@@ -1,0 +1,77 @@
+//! The NATS connection every service holds: connects in the background, retries with
+//! backoff forever, and reports its state into the readiness registry as `nats`.
+
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event};
+
+use crate::readiness::{ComponentState, Readiness, Role};
+
+/// Name of the readiness component fed by the connection.
+pub const COMPONENT: &str = "nats";
+/// First reconnect delay; doubles per attempt up to [`RECONNECT_DELAY_MS_MAX`].
+pub const RECONNECT_DELAY_MS_MIN: u64 = 50;
+/// Longest wait between reconnect attempts.
+pub const RECONNECT_DELAY_MS_MAX: u64 = 2_000;
+/// Time limit for one connection attempt.
+pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// Reconnect delay after `attempts` failed attempts.
+pub fn backoff(attempts: usize) -> Duration {
+    let exp = attempts.min(16) as u32;
+    Duration::from_millis(
+        RECONNECT_DELAY_MS_MIN.saturating_mul(1 << exp).min(RECONNECT_DELAY_MS_MAX),
+    )
+}
+
+/// Starts a NATS client that keeps (re)connecting in the background and reports into
+/// `readiness` as a degrading component: a lost link never makes a local-first service
+/// unready. Fails only on an invalid URL.
+pub async fn connect(
+    url: &str,
+    node_id: &str,
+    readiness: &Readiness,
+) -> anyhow::Result<async_nats::Client> {
+    readiness.register(COMPONENT, Role::Degrading);
+    let events = readiness.clone();
+    let options = ConnectOptions::new()
+        .name(node_id)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .reconnect_delay_callback(backoff)
+        .event_callback(move |event| {
+            let readiness = events.clone();
+            async move {
+                match event {
+                    Event::Connected => {
+                        tracing::info!("nats connected");
+                        readiness.set(COMPONENT, ComponentState::Ok);
+                    }
+                    Event::Disconnected => {
+                        tracing::warn!("nats disconnected");
+                        readiness.set(COMPONENT, ComponentState::Down("disconnected"));
+                    }
+                    Event::Closed => readiness.set(COMPONENT, ComponentState::Down("closed")),
+                    other => tracing::warn!(event = %other, "nats event"),
+                }
+            }
+        });
+    let client = options
+        .connect(url)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot use NATS url {url}: {err}"))?;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(100), Duration::from_millis(RECONNECT_DELAY_MS_MAX));
+    }
+}

@@ -1,0 +1,11 @@
+//! `arm-controller` entry point: parse flags (exit 64 when invalid), then run until SIGTERM.
+
+use service_kit::shutdown::Shutdown;
+
+fn main() -> std::process::ExitCode {
+    let config: arm_controller::Config = service_kit::config::parse_or_exit();
+    config.validate_or_exit();
+    service_kit::run_main("arm-controller", async move {
+        arm_controller::run(config, Shutdown::on_signal()).await
+    })
+}

@@ -1,0 +1,14 @@
+//! Starts, serves the shared endpoints, rides out a NATS outage, exits 0 on SIGTERM, and
+//! refuses bad flags with exit 64.
+
+const BIN: &str = env!("CARGO_BIN_EXE_arm-controller");
+
+#[tokio::test]
+async fn serves_survives_nats_loss_and_exits_cleanly() {
+    testkit::conformance::service_lifecycle(BIN, &["--arm-count", "2"]).await.unwrap();
+}
+
+#[test]
+fn bad_flag_value_exits_64_with_a_reason() {
+    testkit::conformance::invalid_flag_exits_64(BIN, &["--dof", "99"], "--dof").unwrap();
+}

@@ -1,0 +1,11 @@
+//! `counter-service` entry point: parse flags (exit 64 when invalid), then run until SIGTERM.
+
+use service_kit::shutdown::Shutdown;
+
+fn main() -> std::process::ExitCode {
+    let config: counter_service::Config = service_kit::config::parse_or_exit();
+    config.validate_or_exit();
+    service_kit::run_main("counter-service", async move {
+        counter_service::run(config, Shutdown::on_signal()).await
+    })
+}

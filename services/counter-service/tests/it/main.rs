@@ -1,0 +1,3 @@
+//! Integration tests of the real `counter-service` binary, driven through testkit.
+
+mod lifecycle;

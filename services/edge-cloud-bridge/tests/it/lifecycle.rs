@@ -1,0 +1,19 @@
+//! Starts, serves the shared endpoints, rides out a NATS outage, exits 0 on SIGTERM, and
+//! refuses bad flags with exit 64.
+
+const BIN: &str = env!("CARGO_BIN_EXE_edge-cloud-bridge");
+
+#[tokio::test]
+async fn serves_survives_nats_loss_and_exits_cleanly() {
+    testkit::conformance::service_lifecycle(BIN, &["--site", "site-a"]).await.unwrap();
+}
+
+#[test]
+fn bad_flag_value_exits_64_with_a_reason() {
+    testkit::conformance::invalid_flag_exits_64(
+        BIN,
+        &["--snapshot-interval", "soon"],
+        "--snapshot-interval",
+    )
+    .unwrap();
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the real `safety-quorum` binary, driven through testkit.
+
+mod lifecycle;
