@@ -1,0 +1,1094 @@
+//! `Replica`: one node's named CRDT documents, local ops, remote changes, anti-entropy, recovery.
+//!
+//! The replica does no I/O and reads no clock: callers pass `now_ms`, publish
+//! the [`ChangeBatch`]es it returns, feed it what peers send, and persist its
+//! snapshots. Everything that enters a document goes through its [`OpLog`]
+//! first; when the log refuses, the document is rolled back and the call
+//! fails, so an error always means "nothing applied".
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{ActorId, Automerge, Change, ReadDoc};
+
+use crate::batch::ChangeBatch;
+use crate::counter::{self, CounterValue};
+use crate::doc::{actor_for, new_doc};
+use crate::doc_id::{DocId, DocKind, validate_node_id};
+use crate::error::Error;
+use crate::list::{self, LIST_ITEM_BYTES_MAX};
+use crate::oplog::{OpLog, OpRecord};
+use crate::register::{self, REGISTER_VALUE_BYTES_MAX, RegisterValue};
+use crate::set::{self, SET_MEMBER_BYTES_MAX};
+use crate::snapshot;
+
+/// Longest op_id, in bytes.
+pub const OP_ID_BYTES_MAX: usize = 128;
+/// Default dedup window: how long a folded op_id is still recognised as a
+/// duplicate (retries later than this count again).
+pub const DEDUP_WINDOW_MS_DEFAULT: u64 = 60 * 60 * 1000;
+/// Tombstones are kept in this many time buckets per dedup window; a bucket
+/// is dropped whole once it is older than the window.
+pub const TOMBSTONE_BUCKETS_PER_WINDOW: u64 = 12;
+/// Most replicas in a membership.
+pub const MEMBERS_MAX: usize = 64;
+/// Largest sync message accepted, in bytes.
+pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// How a replica is set up.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This node's stable id (`[A-Za-z0-9_-]`, at most 64 bytes).
+    pub node_id: String,
+    /// Bumped on every start of the node (persist it next to the data):
+    /// each incarnation writes with its own automerge actor.
+    pub incarnation: u64,
+    /// Every replica of the documents, this one included. Op entries are
+    /// folded once all of them acknowledged them; a member that never comes
+    /// back keeps entries live until it is removed from this list. Remove
+    /// only members that are gone for good.
+    pub members: Vec<String>,
+    /// See [`DEDUP_WINDOW_MS_DEFAULT`].
+    pub dedup_window_ms: u64,
+}
+
+impl ReplicaConfig {
+    /// Incarnation 0 and the default dedup window.
+    pub fn new(node_id: &str, members: &[&str]) -> ReplicaConfig {
+        ReplicaConfig {
+            node_id: node_id.to_owned(),
+            incarnation: 0,
+            members: members.iter().map(|m| (*m).to_owned()).collect(),
+            dedup_window_ms: DEDUP_WINDOW_MS_DEFAULT,
+        }
+    }
+}
+
+/// The outcome of a local operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update<T> {
+    /// The state after the operation (counter total, register value, ...).
+    pub value: T,
+    /// False when the operation was already in effect (a duplicate op_id,
+    /// the same register version again, removing an absent member) and
+    /// nothing new was written.
+    pub applied: bool,
+    /// The change to publish to peers, when something was written. It is
+    /// durable in the op log already.
+    pub changes: Option<ChangeBatch>,
+}
+
+/// The outcome of applying remote changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RemoteApplied {
+    /// Changes that were new to this replica and are now applied.
+    pub applied: usize,
+    /// Changes this replica already had.
+    pub duplicates: usize,
+    /// Changes held back until the changes they depend on arrive
+    /// (anti-entropy fetches those).
+    pub pending: usize,
+}
+
+/// Counters of what a replica did, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaMetrics {
+    /// Local operations that wrote a change.
+    pub local_ops: u64,
+    /// Local operations that were already in effect.
+    pub duplicate_ops: u64,
+    /// Remote changes applied (from batches and sync messages).
+    pub remote_changes: u64,
+    /// Op entries this replica folded.
+    pub folded_ops: u64,
+    /// Sync messages received.
+    pub sync_messages: u64,
+    /// Documents held.
+    pub docs: u64,
+    /// automerge changes held, over all documents.
+    pub changes: u64,
+    /// automerge operations held, over all documents.
+    pub automerge_ops: u64,
+    /// Position of the last op log record.
+    pub log_position: u64,
+}
+
+/// A snapshot of every document, and the op log position it covers.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Encoded snapshot (layout in the `snapshot` module docs).
+    pub bytes: Vec<u8>,
+    /// Op log position the snapshot covers; records up to it may be
+    /// truncated once the snapshot is durable.
+    pub covers_position: u64,
+}
+
+struct DocState {
+    doc: Automerge,
+    peers: BTreeMap<String, sync::State>,
+    /// Exact counter total, for overflow checks; `None` after remote changes.
+    counter_total: Option<i128>,
+}
+
+impl DocState {
+    fn new(doc: Automerge) -> DocState {
+        DocState { doc, peers: BTreeMap::new(), counter_total: None }
+    }
+}
+
+/// One node's replica of named CRDT documents. See the crate docs for how a
+/// service drives it.
+pub struct Replica<L: OpLog> {
+    node_id: String,
+    actor: ActorId,
+    members: Vec<String>,
+    dedup_window_ms: u64,
+    docs: BTreeMap<DocId, DocState>,
+    log: L,
+    metrics: ReplicaMetrics,
+}
+
+impl<L: OpLog> std::fmt::Debug for Replica<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("node_id", &self.node_id)
+            .field("members", &self.members)
+            .field("docs", &self.docs.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: OpLog> Replica<L> {
+    /// A replica with no documents, writing to `log` (which should be empty;
+    /// use [`Replica::recover`] otherwise).
+    pub fn new(config: ReplicaConfig, log: L) -> Result<Replica<L>, Error> {
+        validate_node_id(&config.node_id)?;
+        let mut members = BTreeSet::new();
+        for member in &config.members {
+            validate_node_id(member)?;
+            members.insert(member.clone());
+        }
+        members.insert(config.node_id.clone());
+        if members.len() > MEMBERS_MAX {
+            return Err(Error::TooLong {
+                what: "members",
+                len_bytes: members.len(),
+                max_bytes: MEMBERS_MAX,
+            });
+        }
+        Ok(Replica {
+            actor: actor_for(&config.node_id, config.incarnation),
+            node_id: config.node_id,
+            members: members.into_iter().collect(),
+            dedup_window_ms: config.dedup_window_ms.max(1),
+            docs: BTreeMap::new(),
+            log,
+            metrics: ReplicaMetrics::default(),
+        })
+    }
+
+    /// Rebuilds a replica from its latest durable snapshot (if any) and the
+    /// records of `log` after the position the snapshot covers.
+    pub fn recover(
+        config: ReplicaConfig,
+        log: L,
+        snapshot: Option<&[u8]>,
+    ) -> Result<Replica<L>, Error> {
+        let mut replica = Replica::new(config, log)?;
+        let mut after_position = 0;
+        if let Some(bytes) = snapshot {
+            let decoded = snapshot::decode(bytes)?;
+            after_position = decoded.covers_position;
+            for (id, doc_bytes) in decoded.docs {
+                let mut doc = Automerge::load(&doc_bytes).map_err(|e| Error::Malformed {
+                    what: "snapshot document",
+                    reason: e.to_string(),
+                })?;
+                doc.set_actor(replica.actor.clone());
+                replica.docs.insert(id, DocState::new(doc));
+            }
+        }
+        let actor = replica.actor.clone();
+        let docs = &mut replica.docs;
+        replica.log.replay(after_position, &mut |_, record| {
+            let changes = parse_changes(&record.changes)?;
+            let state = match docs.entry(record.doc.clone()) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(DocState::new(new_doc(&record.doc, &actor)?))
+                }
+            };
+            state.doc.apply_changes(changes)?;
+            Ok(())
+        })?;
+        replica.metrics.log_position = replica.log.last_position();
+        Ok(replica)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// All members, sorted.
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    /// The documents this replica holds.
+    pub fn docs(&self) -> Vec<DocId> {
+        self.docs.keys().cloned().collect()
+    }
+
+    /// The op log.
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// Gives the op log back (the replica is gone; recover from it).
+    pub fn into_log(self) -> L {
+        self.log
+    }
+
+    // ----- counters -----
+
+    /// Adds `amount` to counter `doc` under `op_id`. An op_id already seen
+    /// (live or within the dedup window) with the same amount is a duplicate:
+    /// `applied` is false and nothing is written.
+    pub fn increment(
+        &mut self,
+        doc: &DocId,
+        op_id: &str,
+        amount: i64,
+        now_ms: u64,
+    ) -> Result<Update<i64>, Error> {
+        expect_kind(doc, DocKind::Counter)?;
+        if op_id.is_empty() {
+            return Err(Error::MissingOpId);
+        }
+        check_len("op_id", op_id, OP_ID_BYTES_MAX)?;
+        if amount == 0 {
+            return Err(Error::ZeroAmount);
+        }
+        if let Some(state) = self.docs.get(doc)
+            && let Some(existing) = counter::lookup(&state.doc, doc, op_id)?
+        {
+            if existing != amount {
+                return Err(Error::OpIdReused { op_id: op_id.to_owned(), existing, amount });
+            }
+            self.metrics.duplicate_ops += 1;
+            let value = self.counter_total(doc)?;
+            return Ok(Update { value: clamp(value), applied: false, changes: None });
+        }
+        let total = self.counter_total(doc)?;
+        let next = total + i128::from(amount);
+        if i64::try_from(next).is_err() {
+            return Err(Error::Overflow { value: clamp(total), amount });
+        }
+        let changes =
+            self.local_change(doc, now_ms, |tx| counter::write_increment(tx, doc, op_id, amount))?;
+        if let Some(state) = self.docs.get_mut(doc) {
+            state.counter_total = Some(next);
+        }
+        Ok(Update { value: clamp(next), applied: true, changes })
+    }
+
+    /// Counter `doc` as this replica sees it, `None` if it does not exist.
+    pub fn counter(&self, doc: &DocId) -> Result<Option<CounterValue>, Error> {
+        expect_kind(doc, DocKind::Counter)?;
+        match self.docs.get(doc) {
+            None => Ok(None),
+            Some(state) => Ok(Some(counter::read(&state.doc, doc)?)),
+        }
+    }
+
+    fn counter_total(&mut self, doc: &DocId) -> Result<i128, Error> {
+        let Some(state) = self.docs.get_mut(doc) else {
+            return Ok(0);
+        };
+        if let Some(total) = state.counter_total {
+            return Ok(total);
+        }
+        let total = counter::total(&state.doc, doc)?;
+        state.counter_total = Some(total);
+        Ok(total)
+    }
+
+    /// Acknowledges the counter entries this replica has seen, folds the
+    /// stable entries it is the folder of, and drops its tombstone buckets
+    /// past the dedup window, for every counter. Call it periodically (the
+    /// fold lag is about two periods plus the sync lag). Returns the changes
+    /// to publish.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Vec<(DocId, ChangeBatch)>, Error> {
+        let counters: Vec<DocId> =
+            self.docs.keys().filter(|id| id.kind() == DocKind::Counter).cloned().collect();
+        let bucket_ms = (self.dedup_window_ms / TOMBSTONE_BUCKETS_PER_WINDOW).max(1);
+        let mut out = Vec::new();
+        for id in counters {
+            let plan = {
+                let state = &self.docs[&id];
+                counter::plan_maintenance(
+                    &state.doc,
+                    &id,
+                    &self.node_id,
+                    &self.members,
+                    now_ms,
+                    self.dedup_window_ms,
+                )?
+            };
+            if plan.is_empty() {
+                continue;
+            }
+            let node = self.node_id.clone();
+            let changes = self.local_change(&id, now_ms, |tx| {
+                counter::apply_maintenance(tx, &id, &node, &plan, now_ms, bucket_ms)
+            })?;
+            self.metrics.folded_ops += plan.folds() as u64;
+            if let Some(changes) = changes {
+                // Maintenance is not a client operation.
+                self.metrics.local_ops -= 1;
+                out.push((id, changes));
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- registers -----
+
+    /// Sets register `doc` to `value` at `version`. The version must be
+    /// higher than the current one; the same version with the same value
+    /// again is a duplicate.
+    pub fn set_register(
+        &mut self,
+        doc: &DocId,
+        value: &serde_json::Value,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<Update<RegisterValue>, Error> {
+        expect_kind(doc, DocKind::Register)?;
+        let json = serde_json::to_vec(value)
+            .map_err(|e| Error::Malformed { what: "register value", reason: e.to_string() })?;
+        if json.len() > REGISTER_VALUE_BYTES_MAX {
+            return Err(Error::TooLong {
+                what: "register value",
+                len_bytes: json.len(),
+                max_bytes: REGISTER_VALUE_BYTES_MAX,
+            });
+        }
+        if let Some(state) = self.docs.get(doc)
+            && let Some((current, current_json)) = register::read_raw(&state.doc, doc)?
+        {
+            if version == current && json == current_json {
+                self.metrics.duplicate_ops += 1;
+                return Ok(Update {
+                    value: RegisterValue { value: value.clone(), version },
+                    applied: false,
+                    changes: None,
+                });
+            }
+            if version <= current {
+                return Err(Error::StaleVersion { version, current });
+            }
+        }
+        let changes = self.local_change(doc, now_ms, |tx| register::write(tx, version, &json))?;
+        Ok(Update {
+            value: RegisterValue { value: value.clone(), version },
+            applied: true,
+            changes,
+        })
+    }
+
+    /// Register `doc`'s winning value, `None` if it was never set here.
+    pub fn register(&self, doc: &DocId) -> Result<Option<RegisterValue>, Error> {
+        expect_kind(doc, DocKind::Register)?;
+        match self.docs.get(doc) {
+            None => Ok(None),
+            Some(state) => register::read(&state.doc, doc),
+        }
+    }
+
+    // ----- sets -----
+
+    /// Adds `member` to set `doc` (always a fresh add, so it wins over
+    /// concurrent removes). `value` is whether the member is present: true.
+    pub fn set_add(
+        &mut self,
+        doc: &DocId,
+        member: &str,
+        now_ms: u64,
+    ) -> Result<Update<bool>, Error> {
+        expect_kind(doc, DocKind::Set)?;
+        check_member(member)?;
+        let changes = self.local_change(doc, now_ms, |tx| set::add(tx, doc, member))?;
+        Ok(Update { value: true, applied: true, changes })
+    }
+
+    /// Removes `member` from set `doc` (the adds this replica has seen).
+    /// `value` is whether the member is present: false.
+    pub fn set_remove(
+        &mut self,
+        doc: &DocId,
+        member: &str,
+        now_ms: u64,
+    ) -> Result<Update<bool>, Error> {
+        expect_kind(doc, DocKind::Set)?;
+        check_member(member)?;
+        let present = match self.docs.get(doc) {
+            Some(state) => set::contains(&state.doc, doc, member)?,
+            None => false,
+        };
+        if !present {
+            self.metrics.duplicate_ops += 1;
+            return Ok(Update { value: false, applied: false, changes: None });
+        }
+        let changes = self.local_change(doc, now_ms, |tx| set::remove(tx, doc, member))?;
+        Ok(Update { value: false, applied: true, changes })
+    }
+
+    /// Set `doc`'s members, sorted (empty if the set does not exist).
+    pub fn set_members(&self, doc: &DocId) -> Result<Vec<String>, Error> {
+        expect_kind(doc, DocKind::Set)?;
+        match self.docs.get(doc) {
+            None => Ok(Vec::new()),
+            Some(state) => set::members(&state.doc, doc),
+        }
+    }
+
+    /// The add tags of `member` this replica sees; for tests of add-wins.
+    #[doc(hidden)]
+    pub fn set_add_tags(&self, doc: &DocId, member: &str) -> Result<Vec<String>, Error> {
+        expect_kind(doc, DocKind::Set)?;
+        match self.docs.get(doc) {
+            None => Ok(Vec::new()),
+            Some(state) => set::tags(&state.doc, doc, member),
+        }
+    }
+
+    // ----- lists -----
+
+    /// Inserts `item` before `index` in list `doc`; `value` is the new length.
+    pub fn list_insert(
+        &mut self,
+        doc: &DocId,
+        index: usize,
+        item: &str,
+        now_ms: u64,
+    ) -> Result<Update<usize>, Error> {
+        expect_kind(doc, DocKind::List)?;
+        check_len("list item", item, LIST_ITEM_BYTES_MAX)?;
+        let changes = self.local_change(doc, now_ms, |tx| list::insert(tx, doc, index, item))?;
+        let len = self.list_items(doc)?.len();
+        Ok(Update { value: len, applied: true, changes })
+    }
+
+    /// Removes the item at `index` of list `doc`; `value` is the new length.
+    pub fn list_remove(
+        &mut self,
+        doc: &DocId,
+        index: usize,
+        now_ms: u64,
+    ) -> Result<Update<usize>, Error> {
+        expect_kind(doc, DocKind::List)?;
+        let changes = self.local_change(doc, now_ms, |tx| list::remove(tx, doc, index))?;
+        let len = self.list_items(doc)?.len();
+        Ok(Update { value: len, applied: true, changes })
+    }
+
+    /// List `doc`'s items (empty if the list does not exist).
+    pub fn list_items(&self, doc: &DocId) -> Result<Vec<String>, Error> {
+        expect_kind(doc, DocKind::List)?;
+        match self.docs.get(doc) {
+            None => Ok(Vec::new()),
+            Some(state) => list::items(&state.doc, doc),
+        }
+    }
+
+    // ----- replication -----
+
+    /// Applies a batch a peer published. Idempotent: changes already held
+    /// are skipped. Malformed bytes are refused whole.
+    pub fn apply_changes(&mut self, doc: &DocId, batch: &[u8]) -> Result<RemoteApplied, Error> {
+        let batch = ChangeBatch::from_bytes(batch)?;
+        let changes = parse_changes(&batch)?;
+        let mut outcome = RemoteApplied::default();
+        let mut fresh = Vec::new();
+        if let Some(state) = self.docs.get(doc) {
+            for change in changes {
+                if state.doc.get_change_by_hash(&change.hash()).is_some() {
+                    outcome.duplicates += 1;
+                } else {
+                    fresh.push(change);
+                }
+            }
+        } else {
+            fresh = changes;
+        }
+        if fresh.is_empty() {
+            return Ok(outcome);
+        }
+        let count = fresh.len();
+        let applied = self.remote_changes(doc, None, |state| {
+            state.doc.apply_changes(fresh)?;
+            Ok(())
+        })?;
+        outcome.applied = applied;
+        outcome.pending = count.saturating_sub(applied);
+        Ok(outcome)
+    }
+
+    /// The next anti-entropy message for `peer` about `doc`, if there is
+    /// anything to say. Send it to the peer, which answers through
+    /// [`Replica::receive_sync_message`]; repeat until both sides return
+    /// `None`.
+    pub fn sync_message(&mut self, doc: &DocId, peer: &str) -> Option<Vec<u8>> {
+        let state = self.docs.get_mut(doc)?;
+        let sync_state = state.peers.entry(peer.to_owned()).or_default();
+        state.doc.generate_sync_message(sync_state).map(sync::Message::encode)
+    }
+
+    /// Receives an anti-entropy message from `peer` about `doc` (creating
+    /// the document if this replica did not have it). Returns how many
+    /// changes it applied.
+    pub fn receive_sync_message(
+        &mut self,
+        doc: &DocId,
+        peer: &str,
+        message: &[u8],
+    ) -> Result<usize, Error> {
+        validate_node_id(peer)?;
+        if message.len() > SYNC_MESSAGE_BYTES_MAX {
+            return Err(Error::TooLong {
+                what: "sync message",
+                len_bytes: message.len(),
+                max_bytes: SYNC_MESSAGE_BYTES_MAX,
+            });
+        }
+        let message = sync::Message::decode(message)
+            .map_err(|e| Error::Malformed { what: "sync message", reason: e.to_string() })?;
+        self.metrics.sync_messages += 1;
+        self.remote_changes(doc, Some(peer), |doc_state| {
+            // Split borrow: the document and this peer's sync state.
+            let DocState { doc, peers, .. } = doc_state;
+            let sync_state = peers.entry(peer.to_owned()).or_default();
+            doc.receive_sync_message(sync_state, message)?;
+            Ok(())
+        })
+    }
+
+    /// Forgets the sync state with `peer` (call when the connection to it
+    /// is re-established), so the next round starts from scratch.
+    pub fn reset_peer(&mut self, peer: &str) {
+        for state in self.docs.values_mut() {
+            state.peers.remove(peer);
+        }
+    }
+
+    // ----- snapshots, compaction, metrics -----
+
+    /// Every document, saved (automerge's compacted form), with the op log
+    /// position it covers.
+    pub fn snapshot(&self) -> Snapshot {
+        let covers_position = self.log.last_position();
+        let docs: Vec<(DocId, Vec<u8>)> =
+            self.docs.iter().map(|(id, state)| (id.clone(), state.doc.save())).collect();
+        Snapshot { bytes: snapshot::encode(covers_position, &docs), covers_position }
+    }
+
+    /// Drops op log records covered by a snapshot the caller made durable.
+    pub fn truncate_log(&mut self, through_position: u64) -> Result<(), Error> {
+        self.log.truncate_through(through_position)?;
+        Ok(())
+    }
+
+    /// Reloads `doc` from its saved form, dropping in-memory indexes and
+    /// caches built up since; returns the saved size in bytes. History is
+    /// kept (see the crate docs on growth).
+    pub fn compact(&mut self, doc: &DocId) -> Result<usize, Error> {
+        let Some(state) = self.docs.get_mut(doc) else {
+            return Ok(0);
+        };
+        let bytes = state.doc.save();
+        let mut reloaded = Automerge::load(&bytes)?;
+        reloaded.set_actor(self.actor.clone());
+        state.doc = reloaded;
+        Ok(bytes.len())
+    }
+
+    /// Size of `doc` saved (what a snapshot stores for it), in bytes.
+    /// Costs a save; call it at metrics intervals, not per operation.
+    pub fn doc_bytes(&self, doc: &DocId) -> Option<usize> {
+        self.docs.get(doc).map(|state| state.doc.save().len())
+    }
+
+    /// What this replica did and holds.
+    pub fn metrics(&self) -> ReplicaMetrics {
+        let mut metrics = self.metrics;
+        metrics.docs = self.docs.len() as u64;
+        metrics.changes = 0;
+        metrics.automerge_ops = 0;
+        for state in self.docs.values() {
+            let stats = state.doc.stats();
+            metrics.changes += stats.num_changes;
+            metrics.automerge_ops += stats.num_ops;
+        }
+        metrics.log_position = self.log.last_position();
+        metrics
+    }
+
+    // ----- internals -----
+
+    /// Runs `write` in one transaction on `doc` (creating it), logs the
+    /// change durably, and rolls everything back on any error.
+    fn local_change(
+        &mut self,
+        id: &DocId,
+        now_ms: u64,
+        write: impl FnOnce(&mut Transaction<'_>) -> Result<(), Error>,
+    ) -> Result<Option<ChangeBatch>, Error> {
+        let created = !self.docs.contains_key(id);
+        if created {
+            self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
+        }
+        let state = self.docs.get_mut(id).expect("inserted above");
+        let heads_before = state.doc.get_heads();
+        let mut tx = state.doc.transaction();
+        if let Err(error) = write(&mut tx) {
+            tx.rollback();
+            if created {
+                self.docs.remove(id);
+            }
+            return Err(error);
+        }
+        let time = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time));
+        if hash.is_none() {
+            return Ok(None);
+        }
+        let mut change = state.doc.get_last_local_change().expect("a change was just committed");
+        let mut batch = ChangeBatch::new();
+        batch.push(&change.bytes());
+        let record = OpRecord { doc: id.clone(), changes: batch };
+        if let Err(error) = self.log.append(std::slice::from_ref(&record)) {
+            if created {
+                self.docs.remove(id);
+            } else {
+                let state = self.docs.get_mut(id).expect("present");
+                let mut doc = state.doc.fork_at(&heads_before)?;
+                doc.set_actor(self.actor.clone());
+                state.doc = doc;
+                state.counter_total = None;
+            }
+            return Err(error.into());
+        }
+        self.metrics.local_ops += 1;
+        Ok(Some(record.changes))
+    }
+
+    /// Runs `receive` on `doc` (creating it), logs every change it applied,
+    /// and rolls back on any error. Returns how many changes were applied.
+    fn remote_changes(
+        &mut self,
+        id: &DocId,
+        peer: Option<&str>,
+        receive: impl FnOnce(&mut DocState) -> Result<(), Error>,
+    ) -> Result<usize, Error> {
+        let created = !self.docs.contains_key(id);
+        if created {
+            self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
+        }
+        let state = self.docs.get_mut(id).expect("inserted above");
+        let heads_before = state.doc.get_heads();
+        let result = receive(state);
+        let new_changes: Vec<Change> = match &result {
+            Ok(()) => state.doc.get_changes(&heads_before),
+            Err(_) => Vec::new(),
+        };
+        let logged = match result {
+            Err(error) => Err(error),
+            Ok(()) if new_changes.is_empty() => Ok(()),
+            Ok(()) => {
+                let mut batch = ChangeBatch::new();
+                for mut change in new_changes.iter().cloned() {
+                    batch.push(&change.bytes());
+                }
+                let record = OpRecord { doc: id.clone(), changes: batch };
+                self.log.append(std::slice::from_ref(&record)).map(|_| ()).map_err(Error::from)
+            }
+        };
+        match logged {
+            Ok(()) => {
+                let state = self.docs.get_mut(id).expect("present");
+                if !new_changes.is_empty() {
+                    state.counter_total = None;
+                }
+                self.metrics.remote_changes += new_changes.len() as u64;
+                Ok(new_changes.len())
+            }
+            Err(error) => {
+                if created {
+                    self.docs.remove(id);
+                } else {
+                    let state = self.docs.get_mut(id).expect("present");
+                    let mut doc = state.doc.fork_at(&heads_before)?;
+                    doc.set_actor(self.actor.clone());
+                    state.doc = doc;
+                    state.counter_total = None;
+                    if let Some(peer) = peer {
+                        state.peers.remove(peer);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+fn parse_changes(batch: &ChangeBatch) -> Result<Vec<Change>, Error> {
+    batch
+        .changes()
+        .into_iter()
+        .map(|bytes| {
+            Change::from_bytes(bytes.to_vec())
+                .map_err(|e| Error::Malformed { what: "change", reason: e.to_string() })
+        })
+        .collect()
+}
+
+fn expect_kind(doc: &DocId, expected: DocKind) -> Result<(), Error> {
+    if doc.kind() == expected {
+        Ok(())
+    } else {
+        Err(Error::WrongKind { name: doc.to_string(), expected, actual: doc.kind() })
+    }
+}
+
+fn check_len(what: &'static str, text: &str, max_bytes: usize) -> Result<(), Error> {
+    if text.len() > max_bytes {
+        return Err(Error::TooLong { what, len_bytes: text.len(), max_bytes });
+    }
+    Ok(())
+}
+
+fn check_member(member: &str) -> Result<(), Error> {
+    if member.is_empty() {
+        return Err(Error::InvalidName {
+            what: "set member",
+            name: String::new(),
+            reason: "empty",
+        });
+    }
+    check_len("set member", member, SET_MEMBER_BYTES_MAX)
+}
+
+fn clamp(value: i128) -> i64 {
+    i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oplog::MemOpLog;
+
+    const NODES: [&str; 3] = ["a", "b", "c"];
+
+    fn replicas() -> Vec<Replica<MemOpLog>> {
+        NODES
+            .iter()
+            .map(|node| Replica::new(ReplicaConfig::new(node, &NODES), MemOpLog::new()).unwrap())
+            .collect()
+    }
+
+    fn production() -> DocId {
+        DocId::counter("production").unwrap()
+    }
+
+    /// Full anti-entropy between every pair, until nobody has anything to say.
+    fn sync_all(replicas: &mut [Replica<MemOpLog>]) {
+        let mut docs = BTreeSet::new();
+        for replica in replicas.iter() {
+            docs.extend(replica.docs());
+        }
+        for doc in &docs {
+            for i in 0..replicas.len() {
+                for j in 0..replicas.len() {
+                    if i != j {
+                        sync_pair(replicas, doc, i, j);
+                    }
+                }
+            }
+        }
+    }
+
+    fn sync_pair(replicas: &mut [Replica<MemOpLog>], doc: &DocId, i: usize, j: usize) {
+        let (ni, nj) = (replicas[i].node_id().to_owned(), replicas[j].node_id().to_owned());
+        for _round in 0..100 {
+            let to_j = replicas[i].sync_message(doc, &nj);
+            if let Some(message) = &to_j {
+                replicas[j].receive_sync_message(doc, &ni, message).unwrap();
+            }
+            let to_i = replicas[j].sync_message(doc, &ni);
+            if let Some(message) = &to_i {
+                replicas[i].receive_sync_message(doc, &nj, message).unwrap();
+            }
+            if to_j.is_none() && to_i.is_none() {
+                return;
+            }
+        }
+        panic!("sync between {ni} and {nj} did not settle");
+    }
+
+    fn tick_and_sync(replicas: &mut [Replica<MemOpLog>], now_ms: u64) {
+        for _ in 0..3 {
+            for replica in replicas.iter_mut() {
+                replica.tick(now_ms).unwrap();
+            }
+            sync_all(replicas);
+        }
+    }
+
+    fn value(replica: &Replica<MemOpLog>) -> CounterValue {
+        replica.counter(&production()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn duplicate_op_id_at_one_replica_counts_once() {
+        let mut r = replicas();
+        let first = r[0].increment(&production(), "op-1", 5, 1).unwrap();
+        assert!(first.applied && first.changes.is_some());
+        let again = r[0].increment(&production(), "op-1", 5, 2).unwrap();
+        assert!(!again.applied && again.changes.is_none());
+        assert_eq!(again.value, 5);
+    }
+
+    #[test]
+    fn same_op_id_at_two_replicas_counts_once_and_folds_once() {
+        let mut r = replicas();
+        let doc = production();
+        let a = r[0].increment(&doc, "op-1", 5, 1).unwrap().changes.unwrap();
+        let b = r[1].increment(&doc, "op-1", 5, 1).unwrap().changes.unwrap();
+        r[1].increment(&doc, "op-2", -2, 1).unwrap();
+        r[0].apply_changes(&doc, b.as_bytes()).unwrap();
+        r[1].apply_changes(&doc, a.as_bytes()).unwrap();
+        assert_eq!(value(&r[0]).value, 5);
+        sync_all(&mut r);
+        for replica in &r {
+            assert_eq!(value(replica).value, 3);
+            assert_eq!(value(replica).live_ops, 2);
+        }
+        tick_and_sync(&mut r, 10);
+        for replica in &r {
+            let v = value(replica);
+            assert_eq!(v.value, 3, "{v:?}");
+            assert_eq!(v.live_ops, 0, "all entries folded: {v:?}");
+            assert_eq!(v.tombstones, 2);
+            assert_eq!(v.replicas.values().sum::<i64>(), 3);
+        }
+        // A retry after folding, at any replica, is still a duplicate.
+        let retry = r[2].increment(&doc, "op-1", 5, 20).unwrap();
+        assert!(!retry.applied);
+        assert_eq!(retry.value, 3);
+    }
+
+    #[test]
+    fn a_dead_member_pins_entries_until_removed() {
+        let mut r = replicas();
+        let doc = production();
+        r[0].increment(&doc, "op-1", 1, 1).unwrap();
+        let (live, _dead) = r.split_at_mut(2);
+        tick_and_sync(live, 10);
+        assert_eq!(value(&live[0]).live_ops, 1, "c never acked");
+        assert_eq!(value(&live[0]).value, 1);
+        let log = std::mem::take(&mut live[0].log);
+        let mut shrunk = Replica::recover(
+            ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("a", &["a", "b"]) },
+            log,
+            None,
+        )
+        .unwrap();
+        shrunk.tick(20).unwrap();
+        assert_eq!(value(&shrunk).live_ops, 0);
+        assert_eq!(value(&shrunk).value, 1);
+    }
+
+    #[test]
+    fn tombstones_expire_after_the_dedup_window() {
+        let config = ReplicaConfig { dedup_window_ms: 1_000, ..ReplicaConfig::new("a", &["a"]) };
+        let mut r = Replica::new(config, MemOpLog::new()).unwrap();
+        let doc = production();
+        r.increment(&doc, "op-1", 1, 0).unwrap();
+        r.tick(0).unwrap();
+        assert_eq!(value(&r).tombstones, 1);
+        assert!(!r.increment(&doc, "op-1", 1, 500).unwrap().applied);
+        r.tick(5_000).unwrap();
+        assert_eq!(value(&r).tombstones, 0);
+        // Documented policy: a retry later than the window counts again.
+        assert!(r.increment(&doc, "op-1", 1, 5_001).unwrap().applied);
+        assert_eq!(value(&r).value, 2);
+    }
+
+    #[test]
+    fn bad_increments_are_refused_and_change_nothing() {
+        let mut r = replicas();
+        let doc = production();
+        r[0].increment(&doc, "op-1", i64::MAX - 1, 1).unwrap();
+        let heads = r[0].docs[&doc].doc.get_heads();
+        assert!(matches!(r[0].increment(&doc, "x", 0, 1), Err(Error::ZeroAmount)));
+        assert!(matches!(r[0].increment(&doc, "", 1, 1), Err(Error::MissingOpId)));
+        assert!(matches!(
+            r[0].increment(&doc, &"x".repeat(OP_ID_BYTES_MAX + 1), 1, 1),
+            Err(Error::TooLong { .. })
+        ));
+        assert!(matches!(r[0].increment(&doc, "op-2", 2, 1), Err(Error::Overflow { .. })));
+        assert!(matches!(
+            r[0].increment(&doc, "op-1", 3, 1),
+            Err(Error::OpIdReused { existing, .. }) if existing == i64::MAX - 1
+        ));
+        assert!(matches!(
+            r[0].increment(&DocId::set("production").unwrap(), "op-3", 1, 1),
+            Err(Error::WrongKind { .. })
+        ));
+        assert!(matches!(r[0].apply_changes(&doc, b"garbage"), Err(Error::Malformed { .. })));
+        let mut batch = ChangeBatch::new();
+        batch.push(b"not an automerge change");
+        assert!(matches!(r[0].apply_changes(&doc, batch.as_bytes()), Err(Error::Malformed { .. })));
+        assert!(matches!(
+            r[0].receive_sync_message(&doc, "b", b"\x42junk"),
+            Err(Error::Malformed { .. })
+        ));
+        assert_eq!(r[0].docs[&doc].doc.get_heads(), heads);
+        assert_eq!(value(&r[0]).value, i64::MAX - 1);
+        assert_eq!(r[0].log().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_log_append_rolls_the_operation_back() {
+        let mut r = replicas();
+        let doc = production();
+        r[0].increment(&doc, "op-1", 1, 1).unwrap();
+        let remote = r[1].increment(&doc, "op-9", 9, 1).unwrap().changes.unwrap();
+        r[0].log.fail_next_appends(1);
+        assert!(matches!(r[0].increment(&doc, "op-2", 2, 1), Err(Error::OpLog(_))));
+        assert_eq!(value(&r[0]).value, 1);
+        r[0].log.fail_next_appends(1);
+        assert!(r[0].apply_changes(&doc, remote.as_bytes()).is_err());
+        assert_eq!(value(&r[0]).value, 1);
+        // The same op_id goes through once the log works again.
+        assert!(r[0].increment(&doc, "op-2", 2, 1).unwrap().applied);
+        r[0].apply_changes(&doc, remote.as_bytes()).unwrap();
+        assert_eq!(value(&r[0]).value, 12);
+        let fresh_doc = DocId::counter("other").unwrap();
+        r[0].log.fail_next_appends(1);
+        assert!(r[0].increment(&fresh_doc, "op-1", 1, 1).is_err());
+        assert!(r[0].counter(&fresh_doc).unwrap().is_none());
+    }
+
+    #[test]
+    fn recovery_from_snapshot_and_log_restores_everything() {
+        let mut r = replicas();
+        let doc = production();
+        r[0].increment(&doc, "op-1", 1, 1).unwrap();
+        let snapshot = r[0].snapshot();
+        r[0].truncate_log(snapshot.covers_position).unwrap();
+        r[0].increment(&doc, "op-2", 2, 2).unwrap();
+        let remote = r[1].increment(&doc, "op-3", 3, 2).unwrap().changes.unwrap();
+        r[0].apply_changes(&doc, remote.as_bytes()).unwrap();
+        let log = std::mem::take(&mut r[0].log);
+        let config = ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("a", &NODES) };
+        let mut recovered = Replica::recover(config, log, Some(&snapshot.bytes)).unwrap();
+        assert_eq!(value(&recovered).value, 6);
+        assert!(!recovered.increment(&doc, "op-2", 2, 3).unwrap().applied);
+        assert!(recovered.increment(&doc, "op-4", 4, 3).unwrap().applied);
+        r[0] = recovered;
+        tick_and_sync(&mut r, 10);
+        for replica in &r {
+            assert_eq!(value(replica).value, 10);
+            assert_eq!(value(replica).live_ops, 0);
+        }
+        let mut corrupt = snapshot.bytes.clone();
+        corrupt[20] ^= 0xff;
+        assert!(
+            Replica::recover(ReplicaConfig::new("a", &NODES), MemOpLog::new(), Some(&corrupt))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn registers_keep_the_highest_version_whatever_the_order() {
+        let mut r = replicas();
+        let doc = DocId::register("config").unwrap();
+        let v5 = r[0].set_register(&doc, &serde_json::json!({"speed": 5}), 5, 1).unwrap();
+        let v3 = r[1].set_register(&doc, &serde_json::json!({"speed": 3}), 3, 2).unwrap();
+        r[1].apply_changes(&doc, v5.changes.unwrap().as_bytes()).unwrap();
+        r[0].apply_changes(&doc, v3.changes.unwrap().as_bytes()).unwrap();
+        for replica in &r[..2] {
+            let value = replica.register(&doc).unwrap().unwrap();
+            assert_eq!(value.version, 5);
+            assert_eq!(value.value, serde_json::json!({"speed": 5}));
+        }
+        assert!(matches!(
+            r[1].set_register(&doc, &serde_json::json!(1), 4, 3),
+            Err(Error::StaleVersion { current: 5, .. })
+        ));
+        let again = r[1].set_register(&doc, &serde_json::json!({"speed": 5}), 5, 3).unwrap();
+        assert!(!again.applied);
+        assert!(r[1].set_register(&doc, &serde_json::json!(6), 6, 3).unwrap().applied);
+    }
+
+    #[test]
+    fn sets_let_a_concurrent_add_win_over_a_remove() {
+        let mut r = replicas();
+        let doc = DocId::set("flags").unwrap();
+        let add = r[0].set_add(&doc, "beta", 1).unwrap().changes.unwrap();
+        r[1].apply_changes(&doc, add.as_bytes()).unwrap();
+        let remove = r[1].set_remove(&doc, "beta", 2).unwrap().changes.unwrap();
+        let re_add = r[0].set_add(&doc, "beta", 2).unwrap().changes.unwrap();
+        r[0].apply_changes(&doc, remove.as_bytes()).unwrap();
+        r[1].apply_changes(&doc, re_add.as_bytes()).unwrap();
+        assert_eq!(r[0].set_members(&doc).unwrap(), vec!["beta"]);
+        assert_eq!(r[1].set_members(&doc).unwrap(), vec!["beta"]);
+        r[0].set_remove(&doc, "beta", 3).unwrap();
+        assert!(r[0].set_members(&doc).unwrap().is_empty());
+        assert!(!r[0].set_remove(&doc, "beta", 3).unwrap().applied);
+        assert!(r[0].set_add(&doc, "", 3).is_err());
+    }
+
+    #[test]
+    fn lists_converge_under_concurrent_inserts() {
+        let mut r = replicas();
+        let doc = DocId::list("queue").unwrap();
+        r[0].list_insert(&doc, 0, "x", 1).unwrap();
+        sync_all(&mut r);
+        r[0].list_insert(&doc, 1, "a", 2).unwrap();
+        r[1].list_insert(&doc, 1, "b", 2).unwrap();
+        r[2].list_remove(&doc, 0, 2).unwrap();
+        sync_all(&mut r);
+        let items = r[0].list_items(&doc).unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(items.contains(&"a".to_owned()) && items.contains(&"b".to_owned()));
+        for replica in &r {
+            assert_eq!(replica.list_items(&doc).unwrap(), items);
+        }
+        assert!(matches!(
+            r[0].list_remove(&doc, 5, 3),
+            Err(Error::IndexOutOfRange { index: 5, len: 2 })
+        ));
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_and_reports_the_size() {
+        let mut r = replicas();
+        let doc = production();
+        for i in 0..50 {
+            r[0].increment(&doc, &format!("op-{i}"), 1, i).unwrap();
+        }
+        r[0].tick(100).unwrap();
+        let bytes = r[0].compact(&doc).unwrap();
+        assert_eq!(r[0].doc_bytes(&doc), Some(bytes));
+        assert_eq!(value(&r[0]).value, 50);
+        assert!(r[0].increment(&doc, "op-50", 1, 101).unwrap().applied);
+        let metrics = r[0].metrics();
+        assert_eq!(metrics.local_ops, 51);
+        assert!(metrics.changes >= 52);
+    }
+}
