@@ -1,0 +1,4 @@
+//! The integration tests of raft-safety: one binary, one module per area.
+
+mod sim;
+mod storage;
