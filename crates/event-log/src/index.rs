@@ -1,0 +1,181 @@
+//! The redb index beside the log: stream -> positions, event id -> position, stream versions,
+//! cursors and the checkpoint that says how much of the log the index covers.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::{Result, index};
+use crate::record::Hash;
+
+/// `meta`: named values; holds the checkpoint under [`CHECKPOINT_KEY`].
+pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+/// `streams`: stream name -> its last version.
+pub(crate) const STREAMS: TableDefinition<'_, &str, u64> = TableDefinition::new("streams");
+/// `stream_events`: (stream, version) -> position.
+pub(crate) const STREAM_EVENTS: TableDefinition<'_, (&str, u64), u64> =
+    TableDefinition::new("stream_events");
+/// `event_ids`: event id as a big-endian u128 (time-ordered for UUIDv7) -> position.
+pub(crate) const EVENT_IDS: TableDefinition<'_, u128, u64> = TableDefinition::new("event_ids");
+/// `cursors`: cursor name -> position.
+pub(crate) const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursors");
+
+/// Key of the checkpoint in [`META`].
+pub(crate) const CHECKPOINT_KEY: &str = "checkpoint";
+/// Bytes of an encoded [`Checkpoint`].
+const CHECKPOINT_BYTES: usize = 8 + 32 + 8 + 8;
+
+/// How much of the log the index covers: every event up to `position` is indexed; the next
+/// record starts at `next_offset` in the segment whose first position is `segment_first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Checkpoint {
+    pub position: u64,
+    pub hash: Hash,
+    pub segment_first: u64,
+    pub next_offset: u64,
+}
+
+impl Checkpoint {
+    pub(crate) fn encode(&self) -> [u8; CHECKPOINT_BYTES] {
+        let mut out = [0u8; CHECKPOINT_BYTES];
+        out[0..8].copy_from_slice(&self.position.to_le_bytes());
+        out[8..40].copy_from_slice(&self.hash);
+        out[40..48].copy_from_slice(&self.segment_first.to_le_bytes());
+        out[48..56].copy_from_slice(&self.next_offset.to_le_bytes());
+        out
+    }
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != CHECKPOINT_BYTES {
+            return None;
+        }
+        Some(Self {
+            position: u64::from_le_bytes(bytes[0..8].try_into().ok()?),
+            hash: bytes[8..40].try_into().ok()?,
+            segment_first: u64::from_le_bytes(bytes[40..48].try_into().ok()?),
+            next_offset: u64::from_le_bytes(bytes[48..56].try_into().ok()?),
+        })
+    }
+}
+
+/// One event's index entries.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexEntry {
+    pub position: u64,
+    pub stream: String,
+    pub stream_version: u64,
+    pub event_id: [u8; 16],
+}
+
+/// The id's key in [`EVENT_IDS`].
+pub(crate) fn id_key(event_id: &[u8; 16]) -> u128 {
+    u128::from_be_bytes(*event_id)
+}
+
+/// The smallest id key whose UUIDv7 timestamp is `ms` (milliseconds since the epoch).
+pub(crate) fn id_key_at_ms(ms: u64) -> u128 {
+    u128::from(ms & 0xFFFF_FFFF_FFFF) << 80
+}
+
+/// Whether an id key is a UUIDv7 (version nibble 7, RFC 4122 variant).
+pub(crate) fn is_uuid_v7(key: u128) -> bool {
+    (key >> 76) & 0xF == 7 && (key >> 62) & 0b11 == 0b10
+}
+
+/// Creates the tables if missing.
+pub(crate) fn init(db: &redb::Database) -> Result<()> {
+    let txn = db.begin_write().map_err(index("begin"))?;
+    {
+        txn.open_table(META).map_err(index("open meta"))?;
+        txn.open_table(STREAMS).map_err(index("open streams"))?;
+        txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
+        txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
+        txn.open_table(CURSORS).map_err(index("open cursors"))?;
+    }
+    txn.commit().map_err(index("commit"))?;
+    Ok(())
+}
+
+pub(crate) fn read_checkpoint(db: &redb::Database) -> Result<Option<Checkpoint>> {
+    let txn = db.begin_read().map_err(index("begin read"))?;
+    let table = txn.open_table(META).map_err(index("open meta"))?;
+    let value = table.get(CHECKPOINT_KEY).map_err(index("get checkpoint"))?;
+    Ok(value.and_then(|v| Checkpoint::decode(v.value())))
+}
+
+/// Writes entries and a checkpoint in one transaction; `durable` decides the commit kind.
+/// `prune_ids_below_ms` removes dedup entries older than that (UUIDv7 time);
+/// `prune_streams_below` removes stream entries of compacted positions.
+pub(crate) fn write_batch(
+    db: &redb::Database,
+    entries: &[IndexEntry],
+    checkpoint: &Checkpoint,
+    durable: bool,
+    prune_ids_below_ms: Option<u64>,
+    prune_streams_below: Option<u64>,
+) -> Result<()> {
+    let mut txn = db.begin_write().map_err(index("begin write"))?;
+    if !durable {
+        txn.set_durability(redb::Durability::None).map_err(index("set durability"))?;
+    }
+    {
+        let mut streams = txn.open_table(STREAMS).map_err(index("open streams"))?;
+        let mut stream_events =
+            txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
+        let mut ids = txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
+        for entry in entries {
+            stream_events
+                .insert((entry.stream.as_str(), entry.stream_version), entry.position)
+                .map_err(index("insert stream event"))?;
+            ids.insert(id_key(&entry.event_id), entry.position).map_err(index("insert id"))?;
+        }
+        // Last version per stream: entries come in position order, so the last one wins.
+        let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for entry in entries {
+            last.insert(&entry.stream, entry.stream_version);
+        }
+        for (stream, version) in last {
+            let current = streams.get(stream).map_err(index("get stream"))?.map(|v| v.value());
+            if current.is_none_or(|c| c < version) {
+                streams.insert(stream, version).map_err(index("insert stream"))?;
+            }
+        }
+        if let Some(ms) = prune_ids_below_ms {
+            // Only UUIDv7 ids carry a time; other ids are kept (see docs/FORMATS.md).
+            ids.retain_in(..id_key_at_ms(ms), |k, _| !is_uuid_v7(k)).map_err(index("prune ids"))?;
+        }
+        if let Some(floor) = prune_streams_below {
+            let names: Vec<String> = streams
+                .iter()
+                .map_err(index("list streams"))?
+                .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
+                .collect();
+            for name in names {
+                stream_events
+                    .retain_in((name.as_str(), 0)..(name.as_str(), u64::MAX), |_, pos| pos >= floor)
+                    .map_err(index("prune stream events"))?;
+            }
+        }
+        let mut meta = txn.open_table(META).map_err(index("open meta"))?;
+        meta.insert(CHECKPOINT_KEY, checkpoint.encode().as_slice())
+            .map_err(index("insert checkpoint"))?;
+    }
+    txn.commit().map_err(index("commit"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_round_trips_and_id_keys_are_time_ordered() {
+        let c = Checkpoint { position: 9, hash: [3; 32], segment_first: 1, next_offset: 640 };
+        assert_eq!(Checkpoint::decode(&c.encode()), Some(c));
+        assert_eq!(Checkpoint::decode(&[0; 3]), None);
+        let mut early = [0xffu8; 16];
+        early[..6].copy_from_slice(&1000u64.to_be_bytes()[2..]);
+        assert!(id_key(&early) < id_key_at_ms(1001));
+        assert!(id_key(&early) >= id_key_at_ms(1000));
+        assert!(!is_uuid_v7(id_key(&early)));
+        let v7: u128 = 0x0190_0000_0000_7000_8000_0000_0000_0000;
+        assert!(is_uuid_v7(v7));
+    }
+}

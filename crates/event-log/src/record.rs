@@ -1,0 +1,300 @@
+//! The on-disk record and segment header formats, and the chain hash (see `docs/FORMATS.md`).
+
+use sha2::{Digest, Sha256};
+
+/// A SHA-256 chain hash.
+pub type Hash = [u8; 32];
+
+/// The hash before the first event (position 0): all zeros.
+pub const GENESIS_HASH: Hash = [0; 32];
+
+/// Bytes before a record's body: `u32` body length and `u32` CRC-32 of the body.
+pub const RECORD_PREFIX_BYTES: usize = 8;
+/// Fixed bytes of a record body besides stream, kind and payload.
+pub const RECORD_FIXED_BODY_BYTES: usize = 8 + 8 + 8 + 16 + 1 + 1 + 1 + 4 + 32;
+/// Record flag: more records of the same atomic batch follow this one.
+pub const FLAG_BATCH_CONTINUES: u8 = 1;
+
+/// Segment file header size; records start right after it.
+pub const SEGMENT_HEADER_BYTES: usize = 64;
+/// Magic at the start of every segment file.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"KEELSEG1";
+/// Version of the segment and record format.
+pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+
+/// Domain tag at the start of every hash input.
+const HASH_DOMAIN: &[u8] = b"keel.event.v1";
+
+/// One committed event, as stored and as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Global position, dense from 1.
+    pub position: u64,
+    /// The stream it belongs to.
+    pub stream: String,
+    /// Its version within the stream, dense from 1.
+    pub stream_version: u64,
+    /// The caller's id (a UUIDv7 by convention), the idempotency key.
+    pub event_id: [u8; 16],
+    /// An application-defined kind, e.g. `"plan.updated"`.
+    pub kind: String,
+    /// Milliseconds since the Unix epoch, stamped by the log's writer.
+    pub timestamp_ms: u64,
+    /// Opaque payload bytes.
+    pub payload: Vec<u8>,
+    /// Hash of the event at `position - 1` (or the compaction anchor's).
+    pub prev_hash: Hash,
+    /// SHA-256 over the canonical encoding of `prev_hash` and the fields above.
+    pub hash: Hash,
+}
+
+/// The canonical hash of an event: SHA-256 over `domain, prev_hash, position, stream,
+/// stream_version, event_id, kind, timestamp_ms, payload`, each field written as a `u32`
+/// little-endian byte length followed by its bytes (integers as 8 bytes little-endian).
+#[allow(clippy::too_many_arguments)]
+pub fn event_hash(
+    prev_hash: &Hash,
+    position: u64,
+    stream: &str,
+    stream_version: u64,
+    event_id: &[u8; 16],
+    kind: &str,
+    timestamp_ms: u64,
+    payload: &[u8],
+) -> Hash {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u32).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(HASH_DOMAIN);
+    field(prev_hash);
+    field(&position.to_le_bytes());
+    field(stream.as_bytes());
+    field(&stream_version.to_le_bytes());
+    field(event_id);
+    field(kind.as_bytes());
+    field(&timestamp_ms.to_le_bytes());
+    field(payload);
+    hasher.finalize().into()
+}
+
+impl Event {
+    /// Recomputes this event's hash from its fields and `prev_hash`.
+    pub fn compute_hash(&self) -> Hash {
+        event_hash(
+            &self.prev_hash,
+            self.position,
+            &self.stream,
+            self.stream_version,
+            &self.event_id,
+            &self.kind,
+            self.timestamp_ms,
+            &self.payload,
+        )
+    }
+}
+
+/// Size of a whole encoded record (prefix + body).
+pub fn record_len(stream: &str, kind: &str, payload_len: usize) -> usize {
+    RECORD_PREFIX_BYTES + RECORD_FIXED_BODY_BYTES + stream.len() + kind.len() + payload_len
+}
+
+/// Appends the encoding of `event` to `out`.
+pub fn encode_record(event: &Event, flags: u8, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; RECORD_PREFIX_BYTES]);
+    out.extend_from_slice(&event.position.to_le_bytes());
+    out.extend_from_slice(&event.stream_version.to_le_bytes());
+    out.extend_from_slice(&event.timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&event.event_id);
+    out.push(flags);
+    out.push(event.stream.len() as u8);
+    out.extend_from_slice(event.stream.as_bytes());
+    out.push(event.kind.len() as u8);
+    out.extend_from_slice(event.kind.as_bytes());
+    out.extend_from_slice(&(event.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&event.payload);
+    out.extend_from_slice(&event.hash);
+    let body_len = out.len() - start - RECORD_PREFIX_BYTES;
+    let crc = crc32fast::hash(&out[start + RECORD_PREFIX_BYTES..]);
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(
+        out.len() - start,
+        record_len(&event.stream, &event.kind, event.payload.len())
+    );
+}
+
+/// What a record prefix says about the bytes that follow it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Prefix {
+    /// All-zero prefix: the end of the written part of a preallocated segment.
+    End,
+    /// A body of this many bytes with this CRC follows.
+    Body { body_len: usize, crc: u32 },
+}
+
+/// Parses a record prefix; `None` if the length is impossible (`> max_body_bytes`).
+pub fn parse_prefix(prefix: &[u8; RECORD_PREFIX_BYTES], max_body_bytes: usize) -> Option<Prefix> {
+    let body_len = u32::from_le_bytes(prefix[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(prefix[4..8].try_into().expect("4 bytes"));
+    if body_len == 0 && crc == 0 {
+        return Some(Prefix::End);
+    }
+    if !(RECORD_FIXED_BODY_BYTES..=max_body_bytes).contains(&body_len) {
+        return None;
+    }
+    Some(Prefix::Body { body_len, crc })
+}
+
+/// A decoded record body (without `prev_hash`, which is not stored).
+#[derive(Debug)]
+pub struct DecodedRecord {
+    /// The event (its `prev_hash` zeroed; the caller fills it in).
+    pub event: Event,
+    /// Record flags.
+    pub flags: u8,
+}
+
+/// Decodes a record body whose CRC has been checked; `None` if it is malformed.
+pub fn decode_body(body: &[u8]) -> Option<DecodedRecord> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let slice = body.get(at..at + n)?;
+        at += n;
+        Some(slice)
+    };
+    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let position = u64_at(take(8)?);
+    let stream_version = u64_at(take(8)?);
+    let timestamp_ms = u64_at(take(8)?);
+    let event_id: [u8; 16] = take(16)?.try_into().ok()?;
+    let flags = take(1)?[0];
+    let stream_len = take(1)?[0] as usize;
+    let stream = std::str::from_utf8(take(stream_len)?).ok()?.to_owned();
+    let kind_len = take(1)?[0] as usize;
+    let kind = std::str::from_utf8(take(kind_len)?).ok()?.to_owned();
+    let payload_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let payload = take(payload_len)?.to_vec();
+    let hash: Hash = take(32)?.try_into().ok()?;
+    if at != body.len() {
+        return None;
+    }
+    Some(DecodedRecord {
+        event: Event {
+            position,
+            stream,
+            stream_version,
+            event_id,
+            kind,
+            timestamp_ms,
+            payload,
+            prev_hash: GENESIS_HASH,
+            hash,
+        },
+        flags,
+    })
+}
+
+/// A segment file header: the first position the segment holds and the hash before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Position of the first record in the segment.
+    pub first_position: u64,
+    /// Hash of the event at `first_position - 1` (the chain anchor of this segment).
+    pub prev_hash: Hash,
+}
+
+impl SegmentHeader {
+    /// Encodes the header (64 bytes).
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut out = [0u8; SEGMENT_HEADER_BYTES];
+        out[0..8].copy_from_slice(SEGMENT_MAGIC);
+        out[8..12].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        out[16..24].copy_from_slice(&self.first_position.to_le_bytes());
+        out[24..56].copy_from_slice(&self.prev_hash);
+        let crc = crc32fast::hash(&out[0..56]);
+        out[56..60].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks a header.
+    pub fn decode(bytes: &[u8; SEGMENT_HEADER_BYTES]) -> Option<Self> {
+        if &bytes[0..8] != SEGMENT_MAGIC {
+            return None;
+        }
+        if u32::from_le_bytes(bytes[8..12].try_into().ok()?) != SEGMENT_FORMAT_VERSION {
+            return None;
+        }
+        let crc = u32::from_le_bytes(bytes[56..60].try_into().ok()?);
+        if crc != crc32fast::hash(&bytes[0..56]) {
+            return None;
+        }
+        Some(Self {
+            first_position: u64::from_le_bytes(bytes[16..24].try_into().ok()?),
+            prev_hash: bytes[24..56].try_into().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        let mut e = Event {
+            position: 7,
+            stream: "arm-1".into(),
+            stream_version: 3,
+            event_id: [9; 16],
+            kind: "plan".into(),
+            timestamp_ms: 1_700_000_000_000,
+            payload: b"hello".to_vec(),
+            prev_hash: [1; 32],
+            hash: [0; 32],
+        };
+        e.hash = e.compute_hash();
+        e
+    }
+
+    #[test]
+    fn record_round_trips_and_crc_covers_every_body_byte() {
+        let e = sample();
+        let mut buf = Vec::new();
+        encode_record(&e, FLAG_BATCH_CONTINUES, &mut buf);
+        assert_eq!(buf.len(), record_len("arm-1", "plan", 5));
+        let prefix: [u8; 8] = buf[..8].try_into().unwrap();
+        let Some(Prefix::Body { body_len, crc }) = parse_prefix(&prefix, 1 << 20) else {
+            panic!("bad prefix")
+        };
+        assert_eq!(crc, crc32fast::hash(&buf[8..8 + body_len]));
+        let decoded = decode_body(&buf[8..]).unwrap();
+        assert_eq!(decoded.flags, FLAG_BATCH_CONTINUES);
+        assert_eq!(Event { prev_hash: e.prev_hash, ..decoded.event }, e);
+        for i in 8..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert_ne!(crc32fast::hash(&bad[8..]), crc, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn hash_is_length_prefixed() {
+        // Moving a byte between adjacent fields must change the hash.
+        let a = event_hash(&[0; 32], 1, "ab", 1, &[0; 16], "c", 0, b"");
+        let b = event_hash(&[0; 32], 1, "a", 1, &[0; 16], "bc", 0, b"");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn zero_prefix_is_end_and_header_round_trips() {
+        assert_eq!(parse_prefix(&[0; 8], 100), Some(Prefix::End));
+        assert_eq!(parse_prefix(&[1, 0, 0, 0, 0, 0, 0, 0], 100), None);
+        let h = SegmentHeader { first_position: 42, prev_hash: [7; 32] };
+        assert_eq!(SegmentHeader::decode(&h.encode()), Some(h));
+        let mut bad = h.encode();
+        bad[30] ^= 1;
+        assert_eq!(SegmentHeader::decode(&bad), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! Segment files: naming, the per-segment sparse offset index and a buffered record reader.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::record::{
+    self, DecodedRecord, Hash, Prefix, RECORD_PREFIX_BYTES, SEGMENT_HEADER_BYTES, SegmentHeader,
+};
+use crate::vfs::VfsFile;
+
+/// Suffix of segment files; the stem is the first position, zero-padded to 20 digits.
+pub const SEGMENT_SUFFIX: &str = ".seg";
+/// Suffix of files being preallocated (removed on open).
+pub const TEMP_SUFFIX: &str = ".tmp";
+/// A sparse offset entry is kept every this many records.
+pub const SPARSE_EVERY_EVENTS: u64 = 64;
+/// Bytes a sequential reader fetches per read.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// The file name of the segment whose first position is `first_position`.
+pub fn segment_name(first_position: u64) -> String {
+    format!("{first_position:020}{SEGMENT_SUFFIX}")
+}
+
+/// The first position encoded in a segment file name.
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// A sparse index entry: the record of `position` starts at `offset`, after `prev_hash`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SparseEntry {
+    pub position: u64,
+    pub offset: u64,
+    pub prev_hash: Hash,
+}
+
+/// An open segment file.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub header: SegmentHeader,
+    pub path: PathBuf,
+    pub file: Arc<dyn VfsFile>,
+    pub len_bytes: u64,
+    sparse: Mutex<Vec<SparseEntry>>,
+}
+
+impl Segment {
+    pub(crate) fn new(
+        header: SegmentHeader,
+        path: PathBuf,
+        file: Arc<dyn VfsFile>,
+        len_bytes: u64,
+    ) -> Self {
+        let first = SparseEntry {
+            position: header.first_position,
+            offset: SEGMENT_HEADER_BYTES as u64,
+            prev_hash: header.prev_hash,
+        };
+        Self { header, path, file, len_bytes, sparse: Mutex::new(vec![first]) }
+    }
+
+    /// The closest known record start at or before `position`.
+    pub(crate) fn sparse_floor(&self, position: u64) -> SparseEntry {
+        let sparse = self.sparse.lock().unwrap_or_else(|e| e.into_inner());
+        let i = sparse.partition_point(|e| e.position <= position);
+        sparse[i.saturating_sub(1)]
+    }
+
+    /// Remembers a record start found while reading.
+    pub(crate) fn note(&self, entry: SparseEntry) {
+        if !(entry.position - self.header.first_position).is_multiple_of(SPARSE_EVERY_EVENTS) {
+            return;
+        }
+        let mut sparse = self.sparse.lock().unwrap_or_else(|e| e.into_inner());
+        let i = sparse.partition_point(|e| e.position < entry.position);
+        if sparse.get(i).is_none_or(|e| e.position != entry.position) {
+            sparse.insert(i, entry);
+        }
+    }
+}
+
+/// Why a record could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RecordFault {
+    /// An all-zero prefix: nothing was written here.
+    End,
+    /// The prefix or body is damaged (bad length, CRC mismatch, undecodable, cut short).
+    Damaged(&'static str),
+}
+
+/// A record read from a segment.
+#[derive(Debug)]
+pub(crate) struct RawRecord {
+    pub decoded: DecodedRecord,
+    pub next_offset: u64,
+}
+
+/// Reads records sequentially from a segment through a buffer.
+#[derive(Debug)]
+pub(crate) struct SegmentReader<'a> {
+    file: &'a dyn VfsFile,
+    limit: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+    offset: u64,
+    max_body_bytes: usize,
+}
+
+impl<'a> SegmentReader<'a> {
+    /// A reader starting at `offset`, never reading at or past `limit` bytes.
+    pub(crate) fn new(file: &'a dyn VfsFile, offset: u64, limit: u64, max_body: usize) -> Self {
+        Self { file, limit, buf: Vec::new(), buf_start: offset, offset, max_body_bytes: max_body }
+    }
+
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn bytes(&mut self, at: u64, len: usize) -> std::io::Result<Option<&[u8]>> {
+        if at + len as u64 > self.limit {
+            return Ok(None);
+        }
+        let buf_end = self.buf_start + self.buf.len() as u64;
+        if at < self.buf_start || at + len as u64 > buf_end {
+            let want = len.max(READ_CHUNK_BYTES).min((self.limit - at) as usize);
+            self.buf.resize(want, 0);
+            let mut done = 0;
+            while done < want {
+                let n = self.file.read_at(&mut self.buf[done..], at + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            self.buf.truncate(done);
+            self.buf_start = at;
+            if done < len {
+                return Ok(None);
+            }
+        }
+        let from = (at - self.buf_start) as usize;
+        Ok(Some(&self.buf[from..from + len]))
+    }
+
+    /// The next record, or why there is none. I/O errors are returned as `Err`.
+    pub(crate) fn next_record(&mut self) -> std::io::Result<Result<RawRecord, RecordFault>> {
+        let offset = self.offset;
+        let max_body = self.max_body_bytes;
+        let Some(prefix) = self.bytes(offset, RECORD_PREFIX_BYTES)? else {
+            return Ok(Err(RecordFault::End));
+        };
+        let prefix: [u8; RECORD_PREFIX_BYTES] = prefix.try_into().expect("prefix length");
+        let (body_len, crc) = match record::parse_prefix(&prefix, max_body) {
+            Some(Prefix::End) => return Ok(Err(RecordFault::End)),
+            None => return Ok(Err(RecordFault::Damaged("impossible record length"))),
+            Some(Prefix::Body { body_len, crc }) => (body_len, crc),
+        };
+        let body_at = offset + RECORD_PREFIX_BYTES as u64;
+        let Some(body) = self.bytes(body_at, body_len)? else {
+            return Ok(Err(RecordFault::Damaged("record runs past the end of the segment")));
+        };
+        if crc32fast::hash(body) != crc {
+            return Ok(Err(RecordFault::Damaged("record checksum mismatch")));
+        }
+        let Some(decoded) = record::decode_body(body) else {
+            return Ok(Err(RecordFault::Damaged("record body malformed")));
+        };
+        let next_offset = body_at + body_len as u64;
+        self.offset = next_offset;
+        Ok(Ok(RawRecord { decoded, next_offset }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_sort_by_position() {
+        assert_eq!(segment_name(42), "00000000000000000042.seg");
+        assert_eq!(parse_segment_name(&segment_name(42)), Some(42));
+        assert_eq!(parse_segment_name("42.seg"), None);
+        assert_eq!(parse_segment_name("0000000000000000004x.seg"), None);
+        assert!(segment_name(9) < segment_name(10));
+    }
+}

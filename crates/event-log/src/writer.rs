@@ -1,0 +1,749 @@
+//! The single writer: drains queued appends into one write and one `fdatasync` (group commit),
+//! then completes every waiter; keeps the redb index and its checkpoints off the ack path.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use redb::ReadableDatabase;
+use tracing::{error, warn};
+
+use crate::completion::Completer;
+use crate::error::{Error, Result, index, io};
+use crate::index::{self, Checkpoint, IndexEntry};
+use crate::log::Shared;
+use crate::options::{AppendRequest, Appended, CompactReport, Durability, MAX_UNSYNCED_BYTES};
+use crate::record::{
+    self, Event, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
+};
+use crate::segment::{Segment, TEMP_SUFFIX, segment_name};
+use crate::vfs::{Vfs, VfsFile, join};
+
+/// Name of the segment file being preallocated.
+const PREALLOC_NAME: &str = "next-segment.tmp";
+/// Zeros written per call while preallocating.
+const PREALLOC_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// What the handles ask of the writer.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Append { request: AppendRequest, len_bytes: usize, done: Completer<Appended> },
+    Batch { requests: Vec<AppendRequest>, len_bytes: usize, done: Completer<Vec<Appended>> },
+    Flush { done: Completer<()> },
+    Checkpoint { done: Completer<()> },
+    Compact { below: u64, done: Completer<CompactReport> },
+    Shutdown { done: Completer<()> },
+}
+
+/// The writer's starting state, from recovery.
+#[derive(Debug)]
+pub(crate) struct WriterInit {
+    pub active: Option<Arc<Segment>>,
+    pub write_offset: u64,
+    pub position: u64,
+    pub hash: Hash,
+    pub streams: HashMap<String, u64>,
+    pub checkpoint: Checkpoint,
+    pub sealed_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    One(Completer<Appended>, Appended),
+    Many(Completer<Vec<Appended>>, Vec<Appended>),
+}
+
+impl Waiter {
+    fn complete(self) {
+        match self {
+            Waiter::One(done, result) => done.complete(Ok(result)),
+            Waiter::Many(done, result) => done.complete(Ok(result)),
+        }
+    }
+    fn fail(self, error: &Error) {
+        match self {
+            Waiter::One(done, _) => done.complete(Err(error.duplicate())),
+            Waiter::Many(done, _) => done.complete(Err(error.duplicate())),
+        }
+    }
+}
+
+/// A record staged in the group buffer.
+#[derive(Debug)]
+struct Span {
+    start: usize,
+    end: usize,
+    position: u64,
+    prev_hash: Hash,
+}
+
+#[derive(Debug)]
+struct Prealloc {
+    path: PathBuf,
+    file: Arc<dyn VfsFile>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Command>,
+    active: Option<Arc<Segment>>,
+    write_offset: u64,
+    sealed_bytes: u64,
+    /// Last written position and hash (maybe not yet synced).
+    position: u64,
+    hash: Hash,
+    streams: HashMap<String, u64>,
+    /// Ids written but not yet in redb.
+    recent_ids: HashMap<[u8; 16], Appended>,
+    /// Written, not yet synced.
+    unsynced: Vec<IndexEntry>,
+    unsynced_bytes: u64,
+    waiters: Vec<Waiter>,
+    sync_deadline: Option<Instant>,
+    /// Durable, not yet in redb.
+    pending_index: Vec<IndexEntry>,
+    durable: Checkpoint,
+    indexed: Checkpoint,
+    last_index_write: Instant,
+    last_checkpoint: Instant,
+    events_since_checkpoint: u64,
+    prune_streams_below: Option<u64>,
+    prealloc: Option<JoinHandle<std::io::Result<Prealloc>>>,
+    last_timestamp_ms: u64,
+    failed: Option<Error>,
+    // Group scratch.
+    buf: Vec<u8>,
+    spans: Vec<Span>,
+    group_immediate: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn preallocate(vfs: &dyn Vfs, path: PathBuf, len_bytes: u64) -> std::io::Result<Prealloc> {
+    let file = vfs.open(&path, true)?;
+    file.set_len(0)?;
+    let zeros = vec![0u8; PREALLOC_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < len_bytes {
+        let n = (len_bytes - at).min(PREALLOC_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()?;
+    Ok(Prealloc { path, file })
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Command>, init: WriterInit) -> Self {
+        let now = Instant::now();
+        let mut writer = Self {
+            shared,
+            rx,
+            active: init.active,
+            write_offset: init.write_offset,
+            sealed_bytes: init.sealed_bytes,
+            position: init.position,
+            hash: init.hash,
+            streams: init.streams,
+            recent_ids: HashMap::new(),
+            unsynced: Vec::new(),
+            unsynced_bytes: 0,
+            waiters: Vec::new(),
+            sync_deadline: None,
+            pending_index: Vec::new(),
+            durable: init.checkpoint,
+            indexed: init.checkpoint,
+            last_index_write: now,
+            last_checkpoint: now,
+            events_since_checkpoint: 0,
+            prune_streams_below: None,
+            prealloc: None,
+            last_timestamp_ms: 0,
+            failed: None,
+            buf: Vec::new(),
+            spans: Vec::new(),
+            group_immediate: false,
+        };
+        writer.start_prealloc();
+        writer
+    }
+
+    fn start_prealloc(&mut self) {
+        if !self.shared.options.background_preallocation || self.prealloc.is_some() {
+            return;
+        }
+        let vfs = self.shared.vfs.clone();
+        let path = join(&self.shared.dir, PREALLOC_NAME);
+        let len = self.shared.options.segment_bytes;
+        let spawned = std::thread::Builder::new()
+            .name("event-log-prealloc".into())
+            .spawn(move || preallocate(vfs.as_ref(), path, len));
+        match spawned {
+            Ok(handle) => self.prealloc = Some(handle),
+            Err(e) => warn!(error = %e, "cannot spawn preallocation thread; preallocating inline"),
+        }
+    }
+
+    fn take_prealloc(&mut self) -> Result<Prealloc> {
+        if let Some(handle) = self.prealloc.take() {
+            match handle.join() {
+                Ok(result) => return result.map_err(io("preallocate segment")),
+                Err(_) => warn!("preallocation thread panicked; preallocating inline"),
+            }
+        }
+        let path = join(&self.shared.dir, PREALLOC_NAME);
+        preallocate(self.shared.vfs.as_ref(), path, self.shared.options.segment_bytes)
+            .map_err(io("preallocate segment"))
+    }
+
+    /// Seals the active segment (already synced by the caller) and starts a new one whose first
+    /// record is `first_position`, durable together with its directory entry.
+    fn roll(&mut self, first_position: u64, prev_hash: Hash) -> Result<()> {
+        let Prealloc { path: tmp, file } = self.take_prealloc()?;
+        let header = SegmentHeader { first_position, prev_hash };
+        file.write_all_at(&header.encode(), 0).map_err(io("write segment header"))?;
+        file.sync_data().map_err(io("sync segment header"))?;
+        let path = join(&self.shared.dir, &segment_name(first_position));
+        debug_assert!(tmp.to_string_lossy().ends_with(TEMP_SUFFIX));
+        self.shared.vfs.rename(&tmp, &path).map_err(io("rename segment"))?;
+        self.shared.vfs.sync_dir(&self.shared.dir).map_err(io("sync log directory"))?;
+        let len_bytes = file.len().map_err(io("stat segment"))?;
+        let segment = Arc::new(Segment::new(header, path, file, len_bytes));
+        if let Some(old) = self.active.take() {
+            self.sealed_bytes += old.len_bytes;
+        }
+        self.shared.segments.write().unwrap_or_else(|e| e.into_inner()).push(segment.clone());
+        {
+            let mut head = self.shared.head_state();
+            if head.position == 0 && first_position == 1 {
+                head.anchor_hash = GENESIS_HASH;
+            }
+        }
+        self.active = Some(segment);
+        self.write_offset = SEGMENT_HEADER_BYTES as u64;
+        self.start_prealloc();
+        Ok(())
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            let first = match self.next_wakeup() {
+                Some(deadline) => {
+                    let timeout = deadline.saturating_duration_since(Instant::now());
+                    match self.rx.recv_timeout(timeout) {
+                        Ok(command) => Some(command),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match self.rx.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => break,
+                },
+            };
+            let mut controls = Vec::new();
+            if let Some(command) = first {
+                let mut events = 0usize;
+                let mut bytes = 0usize;
+                let mut next = Some(command);
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Append { request, len_bytes, done } => {
+                            events += 1;
+                            bytes += len_bytes;
+                            self.stage_one(request, done);
+                        }
+                        Command::Batch { requests, len_bytes, done } => {
+                            events += requests.len();
+                            bytes += len_bytes;
+                            self.stage_batch(requests, done);
+                        }
+                        other => controls.push(other),
+                    }
+                    if events >= self.shared.options.max_group_events
+                        || bytes >= self.shared.options.max_group_bytes
+                        || !controls.is_empty()
+                    {
+                        break;
+                    }
+                    match self.rx.try_recv() {
+                        Ok(command) => next = Some(command),
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                    }
+                }
+            }
+            self.commit_group();
+            let mut stop = false;
+            for control in controls {
+                stop |= self.control(control);
+            }
+            if stop {
+                return;
+            }
+            self.housekeeping();
+        }
+        let (done, _pending) = crate::completion::pair();
+        self.control(Command::Shutdown { done });
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let options = &self.shared.options;
+        let mut next = self.sync_deadline;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if self.failed.is_none() {
+            if !self.pending_index.is_empty() {
+                consider(self.last_index_write + options.index_flush_interval);
+            }
+            if self.durable.position != self.indexed.position || !self.pending_index.is_empty() {
+                consider(self.last_checkpoint + options.checkpoint_interval);
+            }
+        }
+        next
+    }
+
+    fn timestamp(&mut self) -> u64 {
+        self.last_timestamp_ms = self.last_timestamp_ms.max(now_ms());
+        self.last_timestamp_ms
+    }
+
+    fn lookup_id(&self, id: &[u8; 16]) -> Result<Option<Appended>> {
+        if let Some(found) = self.recent_ids.get(id) {
+            return Ok(Some(*found));
+        }
+        let txn = self.shared.db.begin_read().map_err(index("begin read"))?;
+        let table = txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?;
+        let Some(position) = table.get(index::id_key(id)).map_err(index("get id"))? else {
+            return Ok(None);
+        };
+        let position = position.value();
+        let events = self.shared.read_span(position, position)?;
+        let event = events
+            .into_iter()
+            .next()
+            .ok_or(Error::Corrupt { position, reason: "indexed event missing".into() })?;
+        Ok(Some(Appended { position, stream_version: event.stream_version, hash: event.hash }))
+    }
+
+    /// Encodes one event at the next position into the group buffer.
+    fn stage_event(&mut self, request: &AppendRequest, version: u64, flags: u8) -> Appended {
+        let position = self.position + 1;
+        let timestamp_ms = self.timestamp();
+        let mut event = Event {
+            position,
+            stream: request.stream.clone(),
+            stream_version: version,
+            event_id: request.event_id,
+            kind: request.kind.clone(),
+            timestamp_ms,
+            payload: Vec::new(),
+            prev_hash: self.hash,
+            hash: [0; 32],
+        };
+        event.hash = record::event_hash(
+            &event.prev_hash,
+            position,
+            &request.stream,
+            version,
+            &request.event_id,
+            &request.kind,
+            timestamp_ms,
+            &request.payload,
+        );
+        // Encode without cloning the payload into the event.
+        event.payload = request.payload.clone();
+        let start = self.buf.len();
+        record::encode_record(&event, flags, &mut self.buf);
+        self.spans.push(Span { start, end: self.buf.len(), position, prev_hash: self.hash });
+        let appended = Appended { position, stream_version: version, hash: event.hash };
+        self.position = position;
+        self.hash = event.hash;
+        self.streams.insert(request.stream.clone(), version);
+        self.recent_ids.insert(request.event_id, appended);
+        self.unsynced.push(IndexEntry {
+            position,
+            stream: request.stream.clone(),
+            stream_version: version,
+            event_id: request.event_id,
+        });
+        appended
+    }
+
+    fn note_durability(&mut self, durability: Durability) {
+        match durability {
+            Durability::Immediate => self.group_immediate = true,
+            Durability::Within(d) => {
+                let t = Instant::now() + d;
+                self.sync_deadline = Some(self.sync_deadline.map_or(t, |n| n.min(t)));
+            }
+        }
+    }
+
+    fn stage_one(&mut self, request: AppendRequest, done: Completer<Appended>) {
+        if let Some(e) = &self.failed {
+            return done.complete(Err(e.duplicate()));
+        }
+        match self.lookup_id(&request.event_id) {
+            Err(e) => return done.complete(Err(e)),
+            Ok(Some(original)) => {
+                if original.position <= self.durable.position {
+                    return done.complete(Ok(original));
+                }
+                self.note_durability(request.durability);
+                self.waiters.push(Waiter::One(done, original));
+                return;
+            }
+            Ok(None) => {}
+        }
+        let current = self.streams.get(&request.stream).copied().unwrap_or(0);
+        if let Some(expected) = request.expected_version
+            && expected != current
+        {
+            return done.complete(Err(Error::Conflict {
+                stream: request.stream,
+                expected,
+                actual: current,
+            }));
+        }
+        let appended = self.stage_event(&request, current + 1, 0);
+        self.note_durability(request.durability);
+        self.waiters.push(Waiter::One(done, appended));
+    }
+
+    fn stage_batch(&mut self, requests: Vec<AppendRequest>, done: Completer<Vec<Appended>>) {
+        if let Some(e) = &self.failed {
+            return done.complete(Err(e.duplicate()));
+        }
+        // Check everything before staging anything: the batch is atomic.
+        let mut originals = Vec::with_capacity(requests.len());
+        for request in &requests {
+            match self.lookup_id(&request.event_id) {
+                Ok(found) => originals.push(found),
+                Err(e) => return done.complete(Err(e)),
+            }
+        }
+        let mut versions: HashMap<&str, u64> = HashMap::new();
+        for (request, original) in requests.iter().zip(&originals) {
+            if original.is_some() {
+                continue;
+            }
+            let current = *versions
+                .entry(&request.stream)
+                .or_insert_with(|| self.streams.get(&request.stream).copied().unwrap_or(0));
+            if let Some(expected) = request.expected_version
+                && expected != current
+            {
+                return done.complete(Err(Error::Conflict {
+                    stream: request.stream.clone(),
+                    expected,
+                    actual: current,
+                }));
+            }
+            versions.insert(&request.stream, current + 1);
+        }
+        let last_new = originals.iter().rposition(Option::is_none);
+        let mut results = Vec::with_capacity(requests.len());
+        let mut all_durable = true;
+        for (i, (request, original)) in requests.iter().zip(originals).enumerate() {
+            let appended = match original {
+                Some(original) => original,
+                None => {
+                    let version = self.streams.get(&request.stream).copied().unwrap_or(0) + 1;
+                    let flags = if Some(i) == last_new { 0 } else { FLAG_BATCH_CONTINUES };
+                    self.stage_event(request, version, flags)
+                }
+            };
+            all_durable &= appended.position <= self.durable.position;
+            results.push(appended);
+        }
+        if all_durable {
+            return done.complete(Ok(results));
+        }
+        let durability = if requests.iter().any(|r| r.durability == Durability::Immediate) {
+            Durability::Immediate
+        } else {
+            requests
+                .iter()
+                .filter_map(|r| match r.durability {
+                    Durability::Within(d) => Some(d),
+                    Durability::Immediate => None,
+                })
+                .min()
+                .map_or(Durability::Immediate, Durability::Within)
+        };
+        self.note_durability(durability);
+        self.waiters.push(Waiter::Many(done, results));
+    }
+
+    /// Writes the staged records, syncs if anything needs it now, completes waiters.
+    fn commit_group(&mut self) {
+        let spans = std::mem::take(&mut self.spans);
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.write_spans(&buf, &spans);
+        self.buf = buf;
+        self.buf.clear();
+        if let Err(e) = result {
+            return self.fail(e);
+        }
+        let due = self.sync_deadline.is_some_and(|t| t <= Instant::now());
+        if (self.group_immediate || due || self.unsynced_bytes >= MAX_UNSYNCED_BYTES)
+            && let Err(e) = self.sync()
+        {
+            self.fail(e);
+        }
+    }
+
+    fn write_spans(&mut self, buf: &[u8], spans: &[Span]) -> Result<()> {
+        let Some(first) = spans.first() else { return Ok(()) };
+        if self.active.is_none() {
+            self.roll(first.position, first.prev_hash)?;
+        }
+        let mut pending_from = 0usize;
+        let mut pending_offset = self.write_offset;
+        let mut cursor = self.write_offset;
+        for span in spans {
+            let len = (span.end - span.start) as u64;
+            let capacity = self.active.as_ref().map_or(0, |s| s.len_bytes);
+            if cursor + len > capacity {
+                let active = self.active.clone().expect("active segment");
+                active
+                    .file
+                    .write_all_at(&buf[pending_from..span.start], pending_offset)
+                    .map_err(io("write segment"))?;
+                active.file.sync_data().map_err(io("sync segment"))?;
+                self.roll(span.position, span.prev_hash)?;
+                pending_from = span.start;
+                pending_offset = self.write_offset;
+                cursor = self.write_offset;
+            }
+            cursor += len;
+        }
+        let active = self.active.clone().expect("active segment");
+        active
+            .file
+            .write_all_at(&buf[pending_from..], pending_offset)
+            .map_err(io("write segment"))?;
+        self.unsynced_bytes += buf.len() as u64;
+        self.write_offset = cursor;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.group_immediate = false;
+        self.sync_deadline = None;
+        if !self.unsynced.is_empty() {
+            let active = self.active.clone().expect("active segment");
+            active.file.sync_data().map_err(io("sync segment"))?;
+            self.unsynced_bytes = 0;
+            let active_first = active.header.first_position;
+            self.durable = Checkpoint {
+                position: self.position,
+                hash: self.hash,
+                segment_first: active_first,
+                next_offset: self.write_offset,
+            };
+            let entries = std::mem::take(&mut self.unsynced);
+            self.events_since_checkpoint += entries.len() as u64;
+            {
+                let mut unindexed = self.shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
+                for entry in &entries {
+                    unindexed.insert((entry.stream.clone(), entry.stream_version), entry.position);
+                }
+            }
+            self.pending_index.extend(entries);
+            let wakers = {
+                let mut head = self.shared.head_state();
+                head.position = self.position;
+                head.hash = self.hash;
+                head.log_bytes = self.sealed_bytes + self.write_offset;
+                std::mem::take(&mut head.wakers)
+            };
+            self.shared.head_changed.notify_all();
+            wakers.into_iter().for_each(|w| w.wake());
+        }
+        for waiter in self.waiters.drain(..) {
+            waiter.complete();
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: Error) {
+        error!(error = %e, "event log write failed; the log refuses further writes until reopened");
+        for waiter in self.waiters.drain(..) {
+            waiter.fail(&e);
+        }
+        self.spans.clear();
+        self.buf.clear();
+        self.unsynced.clear();
+        self.sync_deadline = None;
+        self.group_immediate = false;
+        if self.failed.is_none() {
+            self.failed = Some(e);
+        }
+    }
+
+    fn write_index(&mut self, durable: bool) -> Result<()> {
+        if self.pending_index.is_empty() && (!durable || self.indexed == self.durable) {
+            return Ok(());
+        }
+        let options = &self.shared.options;
+        let prune_ms =
+            durable.then(|| now_ms().saturating_sub(options.dedup_window.as_millis() as u64));
+        let prune_streams = if durable { self.prune_streams_below.take() } else { None };
+        index::write_batch(
+            &self.shared.db,
+            &self.pending_index,
+            &self.durable,
+            durable,
+            prune_ms,
+            prune_streams,
+        )?;
+        {
+            let mut unindexed = self.shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in &self.pending_index {
+                unindexed.remove(&(entry.stream.clone(), entry.stream_version));
+            }
+        }
+        for entry in self.pending_index.drain(..) {
+            if self.recent_ids.get(&entry.event_id).is_some_and(|a| a.position == entry.position) {
+                self.recent_ids.remove(&entry.event_id);
+            }
+        }
+        self.last_index_write = Instant::now();
+        if durable {
+            self.indexed = self.durable;
+            self.last_checkpoint = self.last_index_write;
+            self.events_since_checkpoint = 0;
+        }
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        if self.sync_deadline.is_some_and(|t| t <= now)
+            && let Err(e) = self.sync()
+        {
+            return self.fail(e);
+        }
+        let options = &self.shared.options;
+        let checkpoint_due = (self.indexed != self.durable || !self.pending_index.is_empty())
+            && (now >= self.last_checkpoint + options.checkpoint_interval
+                || self.events_since_checkpoint >= options.checkpoint_events);
+        let flush_due = !self.pending_index.is_empty()
+            && (self.pending_index.len() >= options.index_flush_events
+                || now >= self.last_index_write + options.index_flush_interval);
+        let result = if checkpoint_due {
+            self.write_index(true)
+        } else if flush_due {
+            self.write_index(false)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+
+    fn compact(&mut self, below: u64) -> Result<CompactReport> {
+        self.sync()?;
+        self.write_index(true)?;
+        let below = below.min(self.durable.position + 1);
+        let removed: Vec<Arc<Segment>> = {
+            let mut segments = self.shared.segments.write().unwrap_or_else(|e| e.into_inner());
+            let mut n = 0;
+            while n + 1 < segments.len() && segments[n + 1].header.first_position <= below {
+                n += 1;
+            }
+            segments.drain(..n).collect()
+        };
+        let segments = self.shared.segments();
+        let first = segments.first().map_or(1, |s| s.header.first_position);
+        let anchor = segments.first().map_or(GENESIS_HASH, |s| s.header.prev_hash);
+        let mut bytes_removed = 0;
+        if !removed.is_empty() {
+            {
+                let mut head = self.shared.head_state();
+                head.first_position = first;
+                head.anchor_hash = anchor;
+            }
+            for segment in &removed {
+                bytes_removed += segment.len_bytes;
+                self.shared.vfs.remove(&segment.path).map_err(io("remove segment"))?;
+            }
+            self.shared.vfs.sync_dir(&self.shared.dir).map_err(io("sync log directory"))?;
+            self.sealed_bytes -= bytes_removed;
+            self.shared.head_state().log_bytes = self.sealed_bytes + self.write_offset;
+            self.prune_streams_below = Some(first);
+        }
+        Ok(CompactReport { first_position: first, segments_removed: removed.len(), bytes_removed })
+    }
+
+    /// Handles a control command; returns true when the writer must stop.
+    fn control(&mut self, command: Command) -> bool {
+        let failed = self.failed.as_ref().map(Error::duplicate);
+        match command {
+            Command::Append { done, .. } => done.complete(Err(Error::Failed)),
+            Command::Batch { done, .. } => done.complete(Err(Error::Failed)),
+            Command::Flush { done } => match failed {
+                Some(e) => done.complete(Err(e)),
+                None => {
+                    let result = self.sync();
+                    if let Err(e) = &result {
+                        self.fail(e.duplicate());
+                    }
+                    done.complete(result)
+                }
+            },
+            Command::Checkpoint { done } => match failed {
+                Some(e) => done.complete(Err(e)),
+                None => {
+                    let result = self.sync().and_then(|()| self.write_index(true));
+                    if let Err(e) = &result {
+                        self.fail(e.duplicate());
+                    }
+                    done.complete(result)
+                }
+            },
+            Command::Compact { below, done } => match failed {
+                Some(e) => done.complete(Err(e)),
+                None => {
+                    let result = self.compact(below);
+                    if let Err(e) = &result {
+                        self.fail(e.duplicate());
+                    }
+                    done.complete(result)
+                }
+            },
+            Command::Shutdown { done } => {
+                let result = match failed {
+                    Some(_) => Ok(()),
+                    None => self.sync().and_then(|()| self.write_index(true)),
+                };
+                if let Some(handle) = self.prealloc.take() {
+                    let _ = handle.join();
+                }
+                {
+                    let mut head = self.shared.head_state();
+                    head.closed = true;
+                    head.wakers.drain(..).for_each(|w| w.wake());
+                }
+                self.shared.head_changed.notify_all();
+                // Refuse whatever is still queued.
+                while let Ok(command) = self.rx.try_recv() {
+                    drop(command);
+                }
+                done.complete(result);
+                return true;
+            }
+        }
+        false
+    }
+}

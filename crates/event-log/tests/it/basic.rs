@@ -1,0 +1,250 @@
+//! Appends, reads, idempotency, conflicts, batches, subscriptions, compaction, cursors, reopen.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_log::sim::SimVfs;
+use event_log::{AppendRequest, Durability, Error, EventLog, GENESIS_HASH, Options};
+
+use crate::support::{block_on, id, request, small_options};
+
+#[test]
+fn append_read_and_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    let a = log.append(request("arm-1", 1, 10)).unwrap();
+    let b = log.append(request("arm-2", 2, 0)).unwrap();
+    let c = log.append(request("arm-1", 3, 300)).unwrap();
+    assert_eq!((a.position, a.stream_version), (1, 1));
+    assert_eq!((b.position, b.stream_version), (2, 1));
+    assert_eq!((c.position, c.stream_version), (3, 2));
+    let events = log.read_range(1, 10).unwrap();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].prev_hash, GENESIS_HASH);
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
+    for e in &events {
+        assert_eq!(e.compute_hash(), e.hash);
+    }
+    assert_eq!(events[2].payload, vec![3; 300]);
+    assert_eq!(events[2].hash, c.hash);
+    let stream = log.read_stream("arm-1", 1, 10).unwrap();
+    assert_eq!(stream.iter().map(|e| e.position).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(log.read_stream("arm-1", 2, 10).unwrap()[0].position, 3);
+    assert_eq!(log.stream_version("arm-1").unwrap(), 2);
+    assert_eq!(log.stream_version("nope").unwrap(), 0);
+    assert_eq!(log.head().position, 3);
+    assert_eq!(log.head().hash, c.hash);
+    let report = log.verify().unwrap();
+    assert_eq!((report.events_checked, report.first_bad), (3, None));
+    log.close().unwrap();
+    assert!(matches!(log.append(request("arm-1", 4, 1)), Err(Error::Closed)));
+
+    // Reopen: the same events, versions continue.
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.head().position, 3);
+    assert_eq!(log.read_range(1, 10).unwrap(), events);
+    let d = log.append(request("arm-1", 5, 1).expect_version(2)).unwrap();
+    assert_eq!((d.position, d.stream_version), (4, 3));
+    assert_eq!(log.read_stream("arm-1", 1, 10).unwrap().len(), 3);
+}
+
+#[test]
+fn idempotent_by_event_id_also_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    let first = log.append(request("s", 7, 5)).unwrap();
+    let mut again = request("s", 7, 99);
+    again.stream = "other".into();
+    assert_eq!(log.append(again.clone()).unwrap(), first);
+    assert_eq!(log.head().position, 1);
+    let batch = log.append_batch(vec![request("s", 7, 5), request("s", 8, 5)]).unwrap();
+    assert_eq!(batch[0], first);
+    assert_eq!(batch[1].position, 2);
+    drop(log);
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.append(again).unwrap(), first);
+    assert_eq!(log.append_batch(vec![request("s", 8, 1)]).unwrap()[0], batch[1]);
+    assert_eq!(log.head().position, 2);
+}
+
+#[test]
+fn conflicts_write_nothing_and_batches_are_atomic() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    log.append(request("s", 1, 1).expect_version(0)).unwrap();
+    match log.append(request("s", 2, 1).expect_version(0)) {
+        Err(Error::Conflict { stream, expected: 0, actual: 1 }) => assert_eq!(stream, "s"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let batch = vec![
+        request("s", 3, 1).expect_version(1),
+        request("s", 4, 1).expect_version(2),
+        request("t", 5, 1).expect_version(3),
+    ];
+    assert!(matches!(log.append_batch(batch), Err(Error::Conflict { .. })));
+    assert_eq!(log.head().position, 1);
+    let ok = log
+        .append_batch(vec![
+            request("s", 3, 1).expect_version(1),
+            request("s", 4, 1).expect_version(2),
+        ])
+        .unwrap();
+    assert_eq!(ok.iter().map(|a| a.stream_version).collect::<Vec<_>>(), vec![2, 3]);
+    // The conflicting id 2 was never written, so it can be used now.
+    assert_eq!(log.append(request("s", 2, 1)).unwrap().position, 4);
+}
+
+#[test]
+fn concurrent_appends_share_fsyncs() {
+    let vfs = SimVfs::new();
+    let log = EventLog::open_with_vfs(Arc::new(vfs.clone()), "/log", Options::default()).unwrap();
+    let (_, syncs_before) = vfs.io_counts();
+    let total = 2000u64;
+    let pending: Vec<_> =
+        (0..total).map(|n| log.append_async(request(&format!("s{}", n % 5), n, 100))).collect();
+    let mut positions: Vec<u64> = pending.into_iter().map(|p| p.wait().unwrap().position).collect();
+    positions.sort_unstable();
+    assert_eq!(positions, (1..=total).collect::<Vec<_>>());
+    let (_, syncs_after) = vfs.io_counts();
+    let syncs = syncs_after - syncs_before;
+    assert!(syncs < total / 2, "{syncs} syncs for {total} appends: no group commit");
+    assert_eq!(log.verify().unwrap().first_bad, None);
+
+    // Threads too.
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                (0..50u64)
+                    .filter(|i| log.append(request("x", 10_000 + t * 100 + i, 20)).is_ok())
+                    .count()
+            })
+        })
+        .collect();
+    let n: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(log.head().position, total + n as u64);
+    let versions: Vec<u64> =
+        log.read_stream("x", 1, 1000).unwrap().iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, (1..=400).collect::<Vec<_>>());
+}
+
+#[test]
+fn async_api_and_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    let mut subscription = log.subscribe(1);
+    let producer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for n in 1..=50u64 {
+                block_on(log.append_async(request("s", n, 8))).unwrap();
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for expected in 1..=50u64 {
+        let event = subscription.next_blocking(Some(deadline)).unwrap().expect("event in time");
+        assert_eq!(event.position, expected);
+    }
+    producer.join().unwrap();
+    assert!(subscription.try_next().unwrap().is_none());
+    // The async form wakes on a later append.
+    let log2 = log.clone();
+    let later = std::thread::spawn(move || log2.append(request("s", 51, 1)).unwrap());
+    let event = block_on(subscription.next_async()).unwrap();
+    assert_eq!(event.position, 51);
+    later.join().unwrap();
+    let mut from_middle = log.subscribe(40);
+    assert_eq!(from_middle.try_next().unwrap().unwrap().position, 40);
+    log.close().unwrap();
+    assert!(matches!(subscription.next_blocking(None), Err(Error::Closed)));
+}
+
+#[test]
+fn within_durability_acks_after_flush_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    let started = Instant::now();
+    let pending: Vec<_> = (0..20u64)
+        .map(|n| {
+            log.append_async(
+                request("agg", n, 50)
+                    .with_durability(Durability::Within(Duration::from_millis(30))),
+            )
+        })
+        .collect();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(log.head().position, 20);
+    let p = log.append_async(
+        request("agg", 100, 1).with_durability(Durability::Within(Duration::from_secs(3600))),
+    );
+    log.flush().unwrap();
+    assert_eq!(p.wait().unwrap().position, 21);
+}
+
+#[test]
+fn compaction_keeps_anchor_and_reopens() {
+    let vfs = Arc::new(SimVfs::new());
+    let options = small_options();
+    let log = EventLog::open_with_vfs(vfs.clone(), "/log", options.clone()).unwrap();
+    for n in 1..=300u64 {
+        log.append(request(if n % 2 == 0 { "even" } else { "odd" }, n, 100)).unwrap();
+    }
+    assert!(log.segment_paths().len() > 5);
+    let report = log.compact(200).unwrap();
+    assert!(report.segments_removed > 0);
+    assert!(report.first_position > 1 && report.first_position <= 200);
+    let head = log.head();
+    assert_eq!(head.first_position, report.first_position);
+    assert!(matches!(log.read(1), Err(Error::Compacted { .. })));
+    let kept = log.read_range(head.first_position, 1000).unwrap();
+    assert_eq!(kept.len() as u64, 300 - head.first_position + 1);
+    assert_eq!(kept[0].prev_hash, head.anchor_hash);
+    let verify = log.verify().unwrap();
+    assert_eq!(verify.first_bad, None);
+    assert_eq!(verify.anchor_position, head.first_position - 1);
+    let even = log.read_stream("even", 1, 1000).unwrap();
+    assert!(even.iter().all(|e| e.position >= head.first_position));
+    assert_eq!(even.last().unwrap().position, 300);
+    drop(log);
+    let log = EventLog::open_with_vfs(vfs, "/log", options).unwrap();
+    assert_eq!(log.head(), head);
+    assert_eq!(log.verify().unwrap().first_bad, None);
+    assert_eq!(log.append(request("even", 301, 1)).unwrap().stream_version, 151);
+}
+
+#[test]
+fn cursors_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.cursor("outbox").unwrap(), None);
+    log.set_cursor("outbox", 41).unwrap();
+    log.set_cursor("outbox", 42).unwrap();
+    assert_eq!(log.cursor("outbox").unwrap(), Some(42));
+    log.close().unwrap();
+    drop(log);
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.cursor("outbox").unwrap(), Some(42));
+}
+
+#[test]
+fn dedup_window_is_pruned_by_uuid_v7_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { dedup_window: Duration::from_secs(60), ..Options::default() };
+    let log = EventLog::open(dir.path(), options.clone()).unwrap();
+    let old = *uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_000, 0)).as_bytes();
+    let fresh = *uuid::Uuid::now_v7().as_bytes();
+    let a = log.append(AppendRequest::new("s", old, "k", vec![1])).unwrap();
+    let b = log.append(AppendRequest::new("s", fresh, "k", vec![2])).unwrap();
+    log.checkpoint().unwrap();
+    // The fresh id is still deduplicated; the one from 1970 fell out of the window.
+    assert_eq!(log.append(AppendRequest::new("s", fresh, "k", vec![2])).unwrap(), b);
+    let again = log.append(AppendRequest::new("s", old, "k", vec![1])).unwrap();
+    assert_ne!(again.position, a.position);
+    let _ = id(0);
+}
