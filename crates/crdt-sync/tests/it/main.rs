@@ -1,0 +1,4 @@
+//! Integration tests of crdt-sync: one binary, one module per concern.
+
+mod convergence;
+mod sim;

@@ -1,0 +1,194 @@
+//! A seeded, in-memory network of replicas: drop, duplicate, reorder, partition, heal, restart.
+
+use std::collections::BTreeSet;
+
+use crdt_sync::{DocId, MemOpLog, Replica, ReplicaConfig};
+
+/// A change batch in flight.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub from: usize,
+    pub to: usize,
+    pub doc: DocId,
+    pub bytes: Vec<u8>,
+}
+
+/// One node: its replica (None while down), its durable snapshot, its
+/// incarnation.
+pub struct Node {
+    pub replica: Replica<MemOpLog>,
+    pub snapshot: Option<Vec<u8>>,
+    pub incarnation: u64,
+}
+
+pub struct Network {
+    pub names: Vec<String>,
+    pub nodes: Vec<Node>,
+    pub in_flight: Vec<Message>,
+    /// Side of each node while partitioned (`None`: healed).
+    pub sides: Option<Vec<bool>>,
+    pub dedup_window_ms: u64,
+}
+
+impl Network {
+    pub fn new(count: usize, dedup_window_ms: u64) -> Network {
+        let names: Vec<String> = (0..count).map(|i| format!("node-{i}")).collect();
+        let nodes = (0..count)
+            .map(|i| Node {
+                replica: Replica::new(config(&names, i, 0, dedup_window_ms), MemOpLog::new())
+                    .expect("valid config"),
+                snapshot: None,
+                incarnation: 0,
+            })
+            .collect();
+        Network { names, nodes, in_flight: Vec::new(), sides: None, dedup_window_ms }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn replica(&self, i: usize) -> &Replica<MemOpLog> {
+        &self.nodes[i].replica
+    }
+
+    pub fn replica_mut(&mut self, i: usize) -> &mut Replica<MemOpLog> {
+        &mut self.nodes[i].replica
+    }
+
+    pub fn connected(&self, a: usize, b: usize) -> bool {
+        match &self.sides {
+            None => true,
+            Some(sides) => sides[a] == sides[b],
+        }
+    }
+
+    /// Queues `bytes` from `from` to every other node (what JetStream does).
+    pub fn publish(&mut self, from: usize, doc: &DocId, bytes: &[u8]) {
+        for to in 0..self.len() {
+            if to != from {
+                self.in_flight.push(Message { from, to, doc: doc.clone(), bytes: bytes.to_vec() });
+            }
+        }
+    }
+
+    /// Delivers message `index` (mod the queue length); a message across a
+    /// partition is lost. `keep` leaves a copy queued (duplicate delivery).
+    pub fn deliver(&mut self, index: usize, keep: bool) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let index = index % self.in_flight.len();
+        let message =
+            if keep { self.in_flight[index].clone() } else { self.in_flight.remove(index) };
+        if !self.connected(message.from, message.to) {
+            return;
+        }
+        self.nodes[message.to]
+            .replica
+            .apply_changes(&message.doc, &message.bytes)
+            .expect("a published batch applies");
+    }
+
+    pub fn drop_message(&mut self, index: usize) {
+        if !self.in_flight.is_empty() {
+            let index = index % self.in_flight.len();
+            self.in_flight.remove(index);
+        }
+    }
+
+    pub fn tick(&mut self, i: usize, now_ms: u64) {
+        let out = self.nodes[i].replica.tick(now_ms).expect("tick");
+        for (doc, batch) in out {
+            self.publish(i, &doc, batch.as_bytes());
+        }
+    }
+
+    /// Anti-entropy between `a` and `b` for every document either holds,
+    /// until both have nothing to say. No-op across a partition.
+    pub fn anti_entropy(&mut self, a: usize, b: usize) {
+        if a == b || !self.connected(a, b) {
+            return;
+        }
+        let mut docs: BTreeSet<DocId> = self.nodes[a].replica.docs().into_iter().collect();
+        docs.extend(self.nodes[b].replica.docs());
+        let (name_a, name_b) = (self.names[a].clone(), self.names[b].clone());
+        for doc in docs {
+            let mut settled = false;
+            for _round in 0..64 {
+                let to_b = self.nodes[a].replica.sync_message(&doc, &name_b);
+                if let Some(message) = &to_b {
+                    self.nodes[b]
+                        .replica
+                        .receive_sync_message(&doc, &name_a, message)
+                        .expect("sync message applies");
+                }
+                let to_a = self.nodes[b].replica.sync_message(&doc, &name_a);
+                if let Some(message) = &to_a {
+                    self.nodes[a]
+                        .replica
+                        .receive_sync_message(&doc, &name_b, message)
+                        .expect("sync message applies");
+                }
+                if to_a.is_none() && to_b.is_none() {
+                    settled = true;
+                    break;
+                }
+            }
+            assert!(settled, "anti-entropy {a}<->{b} on {doc} did not settle");
+        }
+    }
+
+    /// Durable checkpoint: snapshot, then truncate the log it covers.
+    pub fn checkpoint(&mut self, i: usize) {
+        let snapshot = self.nodes[i].replica.snapshot();
+        self.nodes[i].snapshot = Some(snapshot.bytes);
+        self.nodes[i].replica.truncate_log(snapshot.covers_position).expect("truncate");
+    }
+
+    /// Crash and restart: recover from the last snapshot and the log; the
+    /// peers see a reconnect.
+    pub fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.incarnation += 1;
+        let fresh = Replica::new(
+            config(&self.names, i, node.incarnation, self.dedup_window_ms),
+            MemOpLog::new(),
+        )
+        .expect("valid config");
+        let log = std::mem::replace(&mut node.replica, fresh).into_log();
+        node.replica = Replica::recover(
+            config(&self.names, i, node.incarnation, self.dedup_window_ms),
+            log,
+            node.snapshot.as_deref(),
+        )
+        .expect("recovery");
+        let name = self.names[i].clone();
+        for (j, other) in self.nodes.iter_mut().enumerate() {
+            if j != i {
+                other.replica.reset_peer(&name);
+            }
+        }
+    }
+
+    /// Heal, then rounds of ticks and full anti-entropy until acks and folds
+    /// have spread.
+    pub fn settle(&mut self, now_ms: u64) {
+        self.sides = None;
+        for _round in 0..4 {
+            for i in 0..self.len() {
+                self.tick(i, now_ms);
+            }
+            for a in 0..self.len() {
+                for b in (a + 1)..self.len() {
+                    self.anti_entropy(a, b);
+                }
+            }
+        }
+    }
+}
+
+fn config(names: &[String], i: usize, incarnation: u64, dedup_window_ms: u64) -> ReplicaConfig {
+    let members: Vec<&str> = names.iter().map(String::as_str).collect();
+    ReplicaConfig { incarnation, dedup_window_ms, ..ReplicaConfig::new(&names[i], &members) }
+}
