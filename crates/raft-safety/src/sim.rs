@@ -19,7 +19,7 @@ use crate::config::NodeConfig;
 use crate::estop::{EStop, EStopCommand, EStopQuery, EStopResponse};
 use crate::linearizability::{self, OpKind, Operation, Verdict};
 use crate::node::{Event, Node, ProposeError, RequestId, splitmix64};
-use crate::storage::MemStore;
+use crate::storage::{CrashDisk, LogStore, MemStore, RedbStore};
 
 /// Simulated milliseconds per Raft tick.
 pub const TICK_MS: u64 = 10;
@@ -47,12 +47,55 @@ pub struct SimConfig {
     pub chaos_ms: u64,
     /// Applied entries between snapshots (small, to exercise snapshot transfer).
     pub snapshot_interval_entries: u64,
+    /// The members' log store.
+    pub store: StoreKind,
+}
+
+/// Which [`LogStore`] the simulated members run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// [`MemStore`]: the whole store survives a crash (fast).
+    Memory,
+    /// [`RedbStore`] on a [`CrashDisk`]: a crash loses every write redb had not synced.
+    Redb,
+}
+
+/// A simulated member's disk: what survives its crashes.
+trait Disk: Clone + Default {
+    type Store: LogStore;
+    fn open(&self) -> Result<Self::Store, String>;
+    fn crash(&self);
+}
+
+impl Disk for MemStore {
+    type Store = MemStore;
+    fn open(&self) -> Result<MemStore, String> {
+        Ok(self.clone())
+    }
+    fn crash(&self) {}
+}
+
+impl Disk for CrashDisk {
+    type Store = RedbStore;
+    fn open(&self) -> Result<RedbStore, String> {
+        RedbStore::open_with_backend(self.attach()).map_err(|e| format!("redb open failed: {e:?}"))
+    }
+    fn crash(&self) {
+        CrashDisk::crash(self);
+    }
 }
 
 impl SimConfig {
     /// The defaults the tests use for `nodes` members.
     pub fn new(seed: u64, nodes: usize) -> Self {
-        Self { seed, nodes, clients: 3, chaos_ms: 2_500, snapshot_interval_entries: 12 }
+        Self {
+            seed,
+            nodes,
+            clients: 3,
+            chaos_ms: 2_500,
+            snapshot_interval_entries: 12,
+            store: StoreKind::Memory,
+        }
     }
 }
 
@@ -120,10 +163,10 @@ impl Rng {
     }
 }
 
-struct SimNode {
-    node: Option<Node<MemStore, EStop>>,
-    /// The node's "disk": survives crashes.
-    store: MemStore,
+struct SimNode<D: Disk> {
+    node: Option<Node<D::Store, EStop>>,
+    /// The node's "disk": what survives crashes.
+    disk: D,
     tick_offset_ms: u64,
 }
 
@@ -133,13 +176,13 @@ struct Pending {
     write: bool,
 }
 
-struct Sim {
+struct Sim<D: Disk> {
     config: SimConfig,
     rng: Rng,
     now_ms: u64,
     /// Logical clock for the history: every call and return gets the next value.
     clock: u64,
-    nodes: Vec<SimNode>,
+    nodes: Vec<SimNode<D>>,
     /// (deliver at, tie breaker) -> message.
     network: BTreeMap<(u64, u64), Message>,
     groups: Vec<u8>,
@@ -163,7 +206,14 @@ struct Sim {
 
 /// Runs one seed; `Ok` with what happened, or the first violated check.
 pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
-    let mut sim = Sim::new(config.clone());
+    match config.store {
+        StoreKind::Memory => run_on::<MemStore>(config),
+        StoreKind::Redb => run_on::<CrashDisk>(config),
+    }
+}
+
+fn run_on<D: Disk>(config: &SimConfig) -> Result<SimReport, SimFailure> {
+    let mut sim = Sim::<D>::new(config.clone());
     let outcome = sim.run();
     outcome.map(|()| sim.report.clone()).map_err(|reason| SimFailure {
         seed: config.seed,
@@ -174,15 +224,11 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
     })
 }
 
-impl Sim {
+impl<D: Disk> Sim<D> {
     fn new(config: SimConfig) -> Self {
         let mut rng = Rng(config.seed ^ 0x6b65_656c_7369_6d00);
         let nodes = (0..config.nodes)
-            .map(|_| SimNode {
-                node: None,
-                store: MemStore::new(),
-                tick_offset_ms: rng.below(TICK_MS),
-            })
+            .map(|_| SimNode { node: None, disk: D::default(), tick_offset_ms: rng.below(TICK_MS) })
             .collect();
         let drop_p = [0.0, 0.02, 0.1, 0.25][rng.below(4) as usize];
         let duplicate_p = [0.0, 0.05][rng.below(2) as usize];
@@ -226,7 +272,7 @@ impl Sim {
     fn start(&mut self, index: usize) -> Result<(), String> {
         let id = index as u64 + 1;
         let config = self.node_config(id);
-        let store = self.nodes[index].store.clone();
+        let store = self.nodes[index].disk.open()?;
         let mut node = Node::new(config, store, EStop::new())
             .map_err(|e| format!("node {id} failed to start: {e:?}"))?;
         node.observe_applied(true);
@@ -237,6 +283,8 @@ impl Sim {
 
     fn crash(&mut self, index: usize) {
         let id = index as u64 + 1;
+        // Power cut first: nothing the dying process does afterwards reaches its disk.
+        self.nodes[index].disk.crash();
         self.nodes[index].node = None;
         self.report.crashes += 1;
         // Every operation in flight on it has an unknown outcome (writes) or failed (reads).
@@ -314,7 +362,7 @@ impl Sim {
     }
 
     fn converged(&self) -> bool {
-        let nodes: Vec<&Node<MemStore, EStop>> =
+        let nodes: Vec<&Node<D::Store, EStop>> =
             self.nodes.iter().filter_map(|n| n.node.as_ref()).collect();
         let Some(first) = nodes.first() else {
             return false;
@@ -618,7 +666,7 @@ impl Sim {
             }
         }
         // Every member holds the same state.
-        let nodes: Vec<&Node<MemStore, EStop>> =
+        let nodes: Vec<&Node<D::Store, EStop>> =
             self.nodes.iter().filter_map(|n| n.node.as_ref()).collect();
         for pair in nodes.windows(2) {
             if pair[0].state_machine() != pair[1].state_machine() {

@@ -5,9 +5,11 @@
 //! (fsynced) commit per write. [`conformance`] is the suite both pass.
 
 pub mod conformance;
+mod crash_disk;
 mod mem;
 mod redb_store;
 
+pub use crash_disk::CrashDisk;
 pub use mem::MemStore;
 pub use redb_store::RedbStore;
 

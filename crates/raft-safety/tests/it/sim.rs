@@ -3,31 +3,36 @@
 
 use std::time::Instant;
 
-use raft_safety::sim::{self, SimConfig, SimReport};
+use raft_safety::sim::{self, SimConfig, SimReport, StoreKind};
 
 /// Seeds per cluster size in one test run.
 const SEEDS: u64 = 500;
+/// Seeds run on redb over crashing disks (slower: a real redb commit per ready round).
+const REDB_SEEDS: u64 = 150;
 
-fn seeds(base: u64) -> Vec<u64> {
+fn seeds(base: u64, count: u64) -> Vec<u64> {
     match std::env::var("KEEL_SEED") {
         Ok(seed) => vec![seed.parse().expect("KEEL_SEED is a number")],
-        Err(_) => (base..base + SEEDS).collect(),
+        Err(_) => (base..base + count).collect(),
     }
 }
 
-fn run_many(nodes: usize, base: u64) -> Vec<SimReport> {
+fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimReport> {
     let started = Instant::now();
     let mut reports = Vec::new();
-    for seed in seeds(base) {
-        match sim::run(&SimConfig::new(seed, nodes)) {
-            Ok(report) => reports.push(report),
-            Err(failure) => panic!("{failure}"),
+    for seed in seeds(base, count) {
+        let config = SimConfig { store, ..SimConfig::new(seed, nodes) };
+        // A panic inside raft-rs (a broken invariant) must name its seed too.
+        match std::panic::catch_unwind(|| sim::run(&config)) {
+            Ok(Ok(report)) => reports.push(report),
+            Ok(Err(failure)) => panic!("{failure}"),
+            Err(_) => panic!("seed {seed}: panicked (replay with KEEL_SEED={seed})"),
         }
     }
     let total = |f: fn(&SimReport) -> usize| reports.iter().map(f).sum::<usize>();
     let max_heal = reports.iter().map(|r| r.heal_commit_ticks).max().unwrap_or(0);
     println!(
-        "{nodes} members: {} seeds in {:?}: {} ops checked, {} acked writes, {} reads, {} unknown, \
+        "{nodes} members on {store:?}: {} seeds in {:?}: {} ops checked, {} acked writes, {} reads, {} unknown, \
          {} crashes, {} partitions, {} snapshots installed, heal->commit max {max_heal} ticks",
         reports.len(),
         started.elapsed(),
@@ -44,7 +49,7 @@ fn run_many(nodes: usize, base: u64) -> Vec<SimReport> {
 
 #[test]
 fn three_members_stay_linearizable_under_faults() {
-    let reports = run_many(3, 0);
+    let reports = run_many(3, 0, StoreKind::Memory, SEEDS);
     if std::env::var("KEEL_SEED").is_err() {
         // The faults must actually have happened and the clients must have done work.
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 100);
@@ -56,10 +61,19 @@ fn three_members_stay_linearizable_under_faults() {
 
 #[test]
 fn five_members_stay_linearizable_under_faults() {
-    let reports = run_many(5, 1_000_000);
+    let reports = run_many(5, 1_000_000, StoreKind::Memory, SEEDS);
     if std::env::var("KEEL_SEED").is_err() {
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 100);
         assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 1_000);
+    }
+}
+
+#[test]
+fn redb_members_on_crashing_disks_stay_linearizable() {
+    let reports = run_many(3, 2_000_000, StoreKind::Redb, REDB_SEEDS);
+    if std::env::var("KEEL_SEED").is_err() {
+        assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 10);
+        assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 100);
     }
 }
 
