@@ -15,6 +15,7 @@ pub mod config;
 pub mod driver;
 pub mod estop;
 pub mod linearizability;
+mod logging;
 pub mod node;
 pub mod sim;
 pub mod state_machine;

@@ -15,6 +15,10 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::state_machine::{StateMachine, StateMachineError};
 use crate::storage::{LogStore, StoreError, WriteBatch};
 
+/// Bytes of uncommitted entries a leader accepts before it drops new proposals (they are
+/// retried until their deadline).
+pub const UNCOMMITTED_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
 /// Bytes of a proposal or read context: node id, boot counter, sequence number (big endian).
 const CONTEXT_BYTES: usize = 24;
 
@@ -279,9 +283,10 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
             check_quorum: true,
             pre_vote: true,
             read_only_option: ReadOnlyOption::Safe,
+            max_uncommitted_size: UNCOMMITTED_BYTES_MAX,
             ..raft::Config::default()
         };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = crate::logging::raft_logger(config.id);
         let (applied_index, applied_term) = (meta.index, meta.term);
         let raw = RawNode::new(&raft_config, store, &logger)?;
         Ok(Self {
@@ -831,4 +836,139 @@ pub(crate) fn splitmix64(state: &mut u64) -> u64 {
 
 fn corrupt(entry: &Entry, error: impl std::fmt::Display) -> NodeError {
     NodeError::CorruptEntry { index: entry.index, reason: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estop::{EStop, EStopCommand, EStopQuery};
+    use crate::storage::MemStore;
+    use raft::Storage;
+
+    fn engage(id: &str) -> Vec<u8> {
+        EStopCommand::Engage {
+            request_id: id.into(),
+            reason: "unit".into(),
+            source: "test".into(),
+            who: String::new(),
+            at_ms: 1,
+        }
+        .encode()
+    }
+
+    fn single(store: MemStore, tweak: impl FnOnce(&mut NodeConfig)) -> Node<MemStore, EStop> {
+        let mut config = NodeConfig::new(1, vec![1]);
+        tweak(&mut config);
+        Node::new(config, store, EStop::new()).unwrap()
+    }
+
+    /// Ticks and runs the ready loop until `done` or a bound.
+    fn run_until(
+        node: &mut Node<MemStore, EStop>,
+        mut done: impl FnMut(&[Event]) -> bool,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            node.tick();
+            node.handle_ready(&mut |m| panic!("a single member sends nothing: {m:?}")).unwrap();
+            events.extend(node.drain_events());
+            if done(&events) {
+                return events;
+            }
+        }
+        panic!("condition not reached; events {events:?}");
+    }
+
+    fn applied(events: &[Event], id: RequestId) -> Option<&Applied> {
+        events.iter().find_map(|e| match e {
+            Event::Proposal { id: i, result: Ok(a) } if *i == id => Some(a),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn single_member_elects_itself_applies_and_reads() {
+        let mut node = single(MemStore::new(), |_| {});
+        let proposal = node.propose(engage("r1")).unwrap();
+        let read = node.read(EStopQuery::State.encode()).unwrap();
+        let events = run_until(&mut node, |events| {
+            applied(events, proposal).is_some()
+                && events.iter().any(|e| matches!(e, Event::Read { id, .. } if *id == read))
+        });
+        assert!(node.is_leader());
+        assert_eq!(node.status().members(), vec![1]);
+        assert!(applied(&events, proposal).unwrap().index > 0);
+        assert!(node.state_machine().state().engaged);
+    }
+
+    #[test]
+    fn oversized_commands_and_overload_are_refused_at_once() {
+        let mut node = single(MemStore::new(), |c| {
+            c.command_bytes_max = 16;
+            c.pending_requests_max = 1;
+        });
+        assert!(matches!(
+            node.propose(vec![0; 17]),
+            Err(ProposeError::TooLarge { bytes: 17, max: 16 })
+        ));
+        node.propose(vec![1]).unwrap();
+        assert_eq!(node.propose(vec![2]), Err(ProposeError::Busy(1)));
+        assert_eq!(node.read(vec![]), Err(ReadError::Busy(1)));
+    }
+
+    #[test]
+    fn invalid_configuration_is_a_typed_error() {
+        let mut config = NodeConfig::new(1, vec![1]);
+        config.election_ticks = 1;
+        let error = Node::new(config, MemStore::new(), EStop::new()).unwrap_err();
+        assert!(matches!(error, NodeError::Config(ConfigError::ElectionTicks { .. })));
+    }
+
+    #[test]
+    fn no_leader_means_no_quorum_at_the_deadline() {
+        // Member 1 of 3 alone: it never learns a leader.
+        let mut config = NodeConfig::new(1, vec![1, 2, 3]);
+        config.proposal_timeout_ticks = 30;
+        let mut node = Node::new(config, MemStore::new(), EStop::new()).unwrap();
+        let proposal = node.propose(engage("r1")).unwrap();
+        let mut events = Vec::new();
+        for _ in 0..30 {
+            node.tick();
+            node.handle_ready(&mut |_| {}).unwrap();
+            events.extend(node.drain_events());
+        }
+        assert_eq!(
+            events,
+            vec![Event::Proposal { id: proposal, result: Err(ProposeError::NoQuorum) }]
+        );
+    }
+
+    #[test]
+    fn restart_restores_snapshot_replays_log_and_ignores_old_proposals() {
+        let store = MemStore::new();
+        let mut node = single(store.clone(), |c| c.snapshot_interval_entries = 3);
+        let mut last = RequestId(0);
+        for i in 0..5 {
+            last = node.propose(engage(&format!("r{i}"))).unwrap();
+        }
+        let events = run_until(&mut node, |events| applied(events, last).is_some());
+        let last_index = applied(&events, last).unwrap().index;
+        assert!(node.snapshot_index() >= 3, "the log was compacted");
+        assert!(store.first_index().unwrap() > 1);
+        let before = node.state_machine().clone();
+        drop(node);
+
+        let mut node = single(store, |c| c.snapshot_interval_entries = 3);
+        // The new boot numbers its proposals afresh; replayed entries must not answer them.
+        let fresh = node.propose(engage("after-restart")).unwrap();
+        assert_eq!(fresh, RequestId(1));
+        let events = run_until(&mut node, |events| applied(events, fresh).is_some());
+        let proposals: Vec<_> =
+            events.iter().filter(|e| matches!(e, Event::Proposal { .. })).collect();
+        assert_eq!(proposals.len(), 1, "only the new proposal completes: {proposals:?}");
+        assert!(applied(&events, fresh).unwrap().index > last_index);
+        // Replaying "after-restart" on top of the restored state changes only the audit.
+        assert_eq!(node.state_machine().state(), before.state());
+        assert_eq!(node.state_machine().audit().count(), before.audit().count() + 1);
+    }
 }

@@ -118,6 +118,8 @@ pub struct SimReport {
     pub crashes: usize,
     /// Partitions injected.
     pub partitions: usize,
+    /// Leadership transfers requested.
+    pub transfers: usize,
     /// Snapshots installed from a leader.
     pub snapshots_installed: usize,
     /// Ticks from heal until a post-heal write was acknowledged.
@@ -408,6 +410,21 @@ impl<D: Disk> Sim<D> {
                 let down: Vec<usize> = (0..n).filter(|&i| self.nodes[i].node.is_none()).collect();
                 let index = down[self.rng.below(down.len() as u64) as usize];
                 self.start(index)?;
+            }
+            // Hand leadership to another member (it may be unreachable: then nothing happens).
+            75..=84 => {
+                let leader = self
+                    .nodes
+                    .iter()
+                    .position(|s| s.node.as_ref().is_some_and(|node| node.is_leader()));
+                if let Some(leader) = leader {
+                    let target = self.rng.below(n as u64) + 1;
+                    if target != leader as u64 + 1 {
+                        self.report.transfers += 1;
+                        let node = self.nodes[leader].node.as_mut().expect("alive");
+                        node.transfer_leader(target);
+                    }
+                }
             }
             _ => {}
         }

@@ -331,4 +331,22 @@ mod tests {
         let huge = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes();
         assert!(read_frame(&mut huge.as_slice()).await.is_err());
     }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_drops_messages_instead_of_blocking() {
+        // A port nobody listens on: bind, learn the port, close.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let transport = TcpTransport::new([(2, addr)]);
+        let sends = 3 * PEER_QUEUE_MESSAGES_MAX;
+        let started = std::time::Instant::now();
+        for _ in 0..sends {
+            transport.send(Message { to: 2, ..Message::default() });
+        }
+        // Messages to unknown peers are dropped too.
+        transport.send(Message { to: 9, ..Message::default() });
+        assert!(started.elapsed() < Duration::from_secs(1), "send blocked");
+        assert!(transport.dropped_messages() >= (sends - PEER_QUEUE_MESSAGES_MAX) as u64);
+    }
 }

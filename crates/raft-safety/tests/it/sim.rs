@@ -33,7 +33,7 @@ fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimRep
     let max_heal = reports.iter().map(|r| r.heal_commit_ticks).max().unwrap_or(0);
     println!(
         "{nodes} members on {store:?}: {} seeds in {:?}: {} ops checked, {} acked writes, {} reads, {} unknown, \
-         {} crashes, {} partitions, {} snapshots installed, heal->commit max {max_heal} ticks",
+         {} crashes, {} partitions, {} transfers, {} snapshots installed, heal->commit max {max_heal} ticks",
         reports.len(),
         started.elapsed(),
         total(|r| r.operations),
@@ -42,6 +42,7 @@ fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimRep
         total(|r| r.unknown_writes),
         total(|r| r.crashes),
         total(|r| r.partitions),
+        total(|r| r.transfers),
         total(|r| r.snapshots_installed),
     );
     reports
