@@ -19,6 +19,11 @@ use crate::storage::{LogStore, StoreError, WriteBatch};
 /// retried until their deadline).
 pub const UNCOMMITTED_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
+/// Index of the snapshot an initial member bootstraps with (the log starts after it).
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// Term of the bootstrap snapshot.
+pub const BOOTSTRAP_TERM: u64 = 1;
+
 /// Bytes of a proposal or read context: node id, boot counter, sequence number (big endian).
 const CONTEXT_BYTES: usize = 24;
 
@@ -244,6 +249,8 @@ pub struct Node<S: LogStore, M: StateMachine> {
     reads: BTreeMap<u64, PendingRead>,
     events: Vec<Event>,
     observe_applied: bool,
+    /// A membership change added a member: snapshot at the next opportunity.
+    snapshot_due: bool,
     /// Deterministic source of election timeouts (see [`Node::set_election_seed`]).
     election_rng: u64,
     /// (term, role, leader) and timeout when the election timeout was last drawn.
@@ -258,13 +265,23 @@ impl<S: LogStore, M: StateMachine> std::fmt::Debug for Node<S, M> {
 }
 
 impl<S: LogStore, M: StateMachine> Node<S, M> {
-    /// Opens a member on `store`: bootstraps an empty store with `config.peers`, restores the
-    /// state machine from the store's snapshot, and lets raft replay the committed log after it.
+    /// Opens a member on `store`: bootstraps an empty store with `config.peers` (a first
+    /// snapshot at [`BOOTSTRAP_INDEX`]; a store that holds state keeps its own membership and
+    /// `peers` is ignored), restores the state machine from the store's snapshot, and lets raft
+    /// replay the committed log after it. With empty `peers` and an empty store the node waits
+    /// to be added by a membership change and receives a snapshot from the leader.
     pub fn new(config: NodeConfig, mut store: S, mut sm: M) -> Result<Self, NodeError> {
         config.validate()?;
         let initial = store.initial_state()?;
         if !initial.initialized() && store.last_index()? == 0 && !config.peers.is_empty() {
-            store.bootstrap(ConfState::from((config.peers.clone(), Vec::new())))?;
+            // Every initial member writes the same first snapshot: the empty state machine at
+            // index 1, term 1, with the initial voters.
+            let mut first = Snapshot { data: sm.snapshot(), ..Snapshot::default() };
+            let meta = first.mut_metadata();
+            meta.index = BOOTSTRAP_INDEX;
+            meta.term = BOOTSTRAP_TERM;
+            meta.set_conf_state(ConfState::from((config.peers.clone(), Vec::new())));
+            store.bootstrap(first)?;
         }
         let boot = store.next_boot()?;
         let snapshot = store.snapshot(0, config.id)?;
@@ -304,6 +321,7 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
             reads: BTreeMap::new(),
             events: Vec::new(),
             observe_applied: false,
+            snapshot_due: false,
             election_rng: 0,
             election_key: (0, StateRole::Follower, 0),
             election_timeout_ticks: 0,
@@ -787,6 +805,12 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
         match result {
             Ok(conf_state) => {
                 let response = conf_state.write_to_bytes().expect("conf state always encodes");
+                // raft-rs refuses a snapshot whose membership does not include the receiver, so a
+                // newcomer needs a snapshot taken after it was added: take one now.
+                let before = members(&self.conf_state);
+                if members(&conf_state).iter().any(|id| !before.contains(id)) {
+                    self.snapshot_due = true;
+                }
                 self.conf_state = conf_state;
                 self.complete_proposal(entry, Ok(response));
             }
@@ -810,9 +834,12 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
     }
 
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
-        if self.applied_index < self.snapshot_index + self.config.snapshot_interval_entries {
+        let interval_reached =
+            self.applied_index >= self.snapshot_index + self.config.snapshot_interval_entries;
+        if !(interval_reached || self.snapshot_due) || self.applied_index <= self.snapshot_index {
             return Ok(());
         }
+        self.snapshot_due = false;
         let mut snapshot = Snapshot::default();
         snapshot.data = self.sm.snapshot();
         let meta = snapshot.mut_metadata();
@@ -832,6 +859,18 @@ pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Every id in a configuration (voters of both halves, learners).
+fn members(conf_state: &ConfState) -> Vec<u64> {
+    conf_state
+        .voters
+        .iter()
+        .chain(&conf_state.learners)
+        .chain(&conf_state.voters_outgoing)
+        .chain(&conf_state.learners_next)
+        .copied()
+        .collect()
 }
 
 fn corrupt(entry: &Entry, error: impl std::fmt::Display) -> NodeError {
@@ -954,7 +993,7 @@ mod tests {
         let events = run_until(&mut node, |events| applied(events, last).is_some());
         let last_index = applied(&events, last).unwrap().index;
         assert!(node.snapshot_index() >= 3, "the log was compacted");
-        assert!(store.first_index().unwrap() > 1);
+        assert!(store.first_index().unwrap() >= 4, "entries below the snapshot are gone");
         let before = node.state_machine().clone();
         drop(node);
 

@@ -21,8 +21,8 @@ pub fn run_all<S: LogStore>(mut make: impl FnMut() -> S) {
 /// Runs the durability case: `reopen` must return the store as a restarted process would see it.
 pub fn run_durability<S: LogStore>(store: S, reopen: impl FnOnce(S) -> S) {
     let mut store = store;
-    store.bootstrap(ConfState::from((vec![1, 2, 3], vec![]))).unwrap();
-    append(&mut store, &[(1, 1), (2, 1), (3, 2), (4, 2)]);
+    store.bootstrap(snapshot(1, 1, &[1, 2, 3], b"initial")).unwrap();
+    append(&mut store, &[(2, 1), (3, 2), (4, 2)]);
     store
         .write(WriteBatch { hard_state: Some(&hard_state(2, 3, 3)), ..WriteBatch::default() })
         .unwrap();
@@ -89,15 +89,22 @@ fn empty_store<S: LogStore>(store: S) {
 }
 
 fn bootstrap_sets_membership<S: LogStore>(mut store: S) {
-    store.bootstrap(ConfState::from((vec![1, 2, 3], vec![4]))).unwrap();
+    let mut first = snapshot(1, 1, &[1, 2, 3], b"initial");
+    first.mut_metadata().mut_conf_state().learners = vec![4];
+    store.bootstrap(first).unwrap();
     let state = store.initial_state().unwrap();
     assert!(state.initialized());
     assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
     assert_eq!(state.conf_state.learners, vec![4]);
+    assert_eq!((state.hard_state.term, state.hard_state.commit), (1, 1));
+    assert_eq!(store.first_index().unwrap(), 2, "the log starts after the snapshot");
+    assert_eq!(store.last_index().unwrap(), 1);
+    assert_eq!(store.term(1).unwrap(), 1);
     let snap = store.snapshot(0, 2).unwrap();
     assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+    assert_eq!(snap.data, b"initial".to_vec());
     assert!(
-        store.bootstrap(ConfState::from((vec![1], vec![]))).is_err(),
+        store.bootstrap(snapshot(1, 1, &[1], b"again")).is_err(),
         "bootstrapping twice is refused"
     );
 }
@@ -144,8 +151,8 @@ fn hard_state_round_trip<S: LogStore>(mut store: S) {
 }
 
 fn compact_keeps_tail_and_snapshot<S: LogStore>(mut store: S) {
-    store.bootstrap(ConfState::from((vec![1, 2, 3], vec![]))).unwrap();
-    append(&mut store, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]);
+    store.bootstrap(snapshot(1, 1, &[1, 2, 3], b"initial")).unwrap();
+    append(&mut store, &[(2, 1), (3, 2), (4, 2), (5, 2)]);
     store.set_commit(3).unwrap();
     store.compact(snapshot(3, 2, &[1, 2, 3, 4], b"sm@3")).unwrap();
     assert_eq!(store.first_index().unwrap(), 4);

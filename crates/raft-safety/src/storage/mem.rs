@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use raft::prelude::{ConfState, Entry, Snapshot};
+use raft::prelude::{Entry, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
 
@@ -153,14 +153,17 @@ impl LogStore for MemStore {
         Ok(())
     }
 
-    fn bootstrap(&mut self, conf_state: ConfState) -> Result<(), StoreError> {
+    fn bootstrap(&mut self, snapshot: Snapshot) -> Result<(), StoreError> {
         if self.inner.initial_state().is_ok_and(|s| s.initialized())
             || self.inner.last_index().unwrap_or(0) > 0
         {
             return Err(StoreError::AlreadyInitialised);
         }
-        self.inner.initialize_with_conf_state(conf_state.clone());
-        self.extra().snapshot.mut_metadata().set_conf_state(conf_state);
+        self.inner
+            .wl()
+            .apply_snapshot(snapshot.clone())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.extra().snapshot = snapshot;
         Ok(())
     }
 

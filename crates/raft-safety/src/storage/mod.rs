@@ -13,7 +13,7 @@ pub use crash_disk::CrashDisk;
 pub use mem::MemStore;
 pub use redb_store::RedbStore;
 
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::prelude::{Entry, HardState, Snapshot};
 use thiserror::Error;
 
 /// What one ready round makes durable, in this order: a snapshot received from the leader, new
@@ -53,8 +53,11 @@ pub trait LogStore: raft::Storage {
     /// index) and drops the entries up to and including it. An older snapshot is ignored.
     fn compact(&mut self, snapshot: Snapshot) -> Result<(), StoreError>;
 
-    /// Durably initialises an empty store with the initial membership.
-    fn bootstrap(&mut self, conf_state: ConfState) -> Result<(), StoreError>;
+    /// Durably initialises an empty store with a first snapshot (index at least 1, the initial
+    /// membership in its metadata). Starting the log after a snapshot means a member added
+    /// later always receives a snapshot, and with it the membership, instead of replaying a
+    /// log that does not contain the initial configuration.
+    fn bootstrap(&mut self, snapshot: Snapshot) -> Result<(), StoreError>;
 
     /// Durably increments and returns the boot counter (1 on the first boot). The node mixes it
     /// into proposal ids so that entries proposed before a restart never match new proposals.

@@ -299,20 +299,24 @@ impl LogStore for RedbStore {
         Ok(())
     }
 
-    fn bootstrap(&mut self, conf_state: ConfState) -> Result<(), StoreError> {
+    fn bootstrap(&mut self, snapshot: Snapshot) -> Result<(), StoreError> {
         let initialised = *self.snapshot.get_metadata().get_conf_state() != ConfState::default();
         if initialised || self.last() > 0 {
             return Err(StoreError::AlreadyInitialised);
         }
-        let mut snapshot = Snapshot::default();
-        snapshot.mut_metadata().set_conf_state(conf_state);
+        let meta = snapshot.get_metadata();
+        let mut hard_state = self.hard_state.clone();
+        hard_state.term = hard_state.term.max(meta.term);
+        hard_state.commit = hard_state.commit.max(meta.index);
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(KEY_SNAPSHOT, encode(&snapshot).as_slice())?;
+            meta.insert(KEY_HARD_STATE, encode(&hard_state).as_slice())?;
         }
         txn.commit()?;
         self.snapshot = snapshot;
+        self.hard_state = hard_state;
         Ok(())
     }
 

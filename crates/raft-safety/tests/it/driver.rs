@@ -104,8 +104,23 @@ async fn leadership_moves_on_request() {
 }
 
 #[tokio::test]
-async fn joint_consensus_replaces_a_member() {
-    let (transport, mut nodes) = cluster(3, |c| c.snapshot_interval_entries = 4);
+async fn joint_consensus_replaces_a_member_that_catches_up_by_snapshot() {
+    joint_consensus_replaces_a_member(4).await;
+}
+
+#[tokio::test]
+async fn joint_consensus_replaces_a_member_before_any_compaction() {
+    // The newcomer still starts from the bootstrap snapshot, so it learns the membership.
+    joint_consensus_replaces_a_member(1_000).await;
+}
+
+async fn joint_consensus_replaces_a_member(snapshot_interval_entries: u64) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (transport, mut nodes) =
+        cluster(3, |c| c.snapshot_interval_entries = snapshot_interval_entries);
     let handles: Vec<RaftHandle> = nodes.iter().map(|(h, _)| h.clone()).collect();
     let refs: Vec<&RaftHandle> = handles.iter().collect();
     let leader_id = leader(&refs).await;
