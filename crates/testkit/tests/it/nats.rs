@@ -30,9 +30,7 @@ async fn nats_server_starts_dies_and_restarts_on_the_same_port_and_store() {
     let js = async_nats::jetstream::new(client);
     // Debian's 2.9 syncs lazily, so after a SIGKILL the stream may or may not hold the
     // message; the stream definition itself was written before the kill returned.
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), js.get_stream("T"))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(10), js.get_stream("T")).await.unwrap().unwrap();
     assert_eq!(stream.info().await.unwrap().config.name, "T");
 }
