@@ -513,24 +513,34 @@ impl<L: OpLog> Replica<L> {
         let changes = parse_changes(&batch)?;
         let mut outcome = RemoteApplied::default();
         let mut fresh = Vec::new();
-        if let Some(state) = self.docs.get(doc) {
-            for change in changes {
-                if state.doc.get_change_by_hash(&change.hash()).is_some() {
-                    outcome.duplicates += 1;
-                } else {
-                    fresh.push(change);
+        match self.docs.get(doc) {
+            Some(state) => {
+                for change in changes {
+                    if has_change(&state.doc, &change) {
+                        outcome.duplicates += 1;
+                    } else {
+                        fresh.push(change);
+                    }
                 }
             }
-        } else {
-            fresh = changes;
+            None => fresh = changes,
         }
         if fresh.is_empty() {
             return Ok(outcome);
         }
         let count = fresh.len();
         let applied = self.remote_changes(doc, None, |state| {
-            state.doc.apply_changes(fresh)?;
-            Ok(())
+            state.doc.apply_changes(fresh.iter().cloned())?;
+            // Log what was applied (not what waits for its dependencies),
+            // from the bytes received: asking automerge for the new changes
+            // costs a scan of the document.
+            let mut applied = ChangeBatch::new();
+            for change in &fresh {
+                if has_change(&state.doc, change) {
+                    applied.push(change.raw_bytes());
+                }
+            }
+            Ok(Some(applied))
         })?;
         outcome.applied = applied;
         outcome.pending = count.saturating_sub(applied);
@@ -572,7 +582,7 @@ impl<L: OpLog> Replica<L> {
             let DocState { doc, peers, .. } = doc_state;
             let sync_state = peers.entry(peer.to_owned()).or_default();
             doc.receive_sync_message(sync_state, message)?;
-            Ok(())
+            Ok(None)
         })
     }
 
@@ -686,12 +696,14 @@ impl<L: OpLog> Replica<L> {
     }
 
     /// Runs `receive` on `doc` (creating it), logs every change it applied,
-    /// and rolls back on any error. Returns how many changes were applied.
+    /// and rolls back on any error. `receive` returns the applied changes
+    /// when it knows them, `None` to have them looked up. Returns how many
+    /// changes were applied.
     fn remote_changes(
         &mut self,
         id: &DocId,
         peer: Option<&str>,
-        receive: impl FnOnce(&mut DocState) -> Result<(), Error>,
+        receive: impl FnOnce(&mut DocState) -> Result<Option<ChangeBatch>, Error>,
     ) -> Result<usize, Error> {
         let created = !self.docs.contains_key(id);
         if created {
@@ -699,31 +711,35 @@ impl<L: OpLog> Replica<L> {
         }
         let state = self.docs.get_mut(id).expect("inserted above");
         let heads_before = state.doc.get_heads();
-        let result = receive(state);
-        let new_changes: Vec<Change> = match &result {
-            Ok(()) => state.doc.get_changes(&heads_before),
-            Err(_) => Vec::new(),
-        };
+        let result = receive(state).map(|applied| match applied {
+            Some(applied) => applied,
+            None => {
+                let mut applied = ChangeBatch::new();
+                if state.doc.get_heads() != heads_before {
+                    for mut change in state.doc.get_changes(&heads_before) {
+                        applied.push(&change.bytes());
+                    }
+                }
+                applied
+            }
+        });
         let logged = match result {
             Err(error) => Err(error),
-            Ok(()) if new_changes.is_empty() => Ok(()),
-            Ok(()) => {
-                let mut batch = ChangeBatch::new();
-                for mut change in new_changes.iter().cloned() {
-                    batch.push(&change.bytes());
-                }
-                let record = OpRecord { doc: id.clone(), changes: batch };
-                self.log.append(std::slice::from_ref(&record)).map(|_| ()).map_err(Error::from)
+            Ok(applied) if applied.is_empty() => Ok(0),
+            Ok(applied) => {
+                let count = applied.len();
+                let record = OpRecord { doc: id.clone(), changes: applied };
+                self.log.append(std::slice::from_ref(&record)).map(|_| count).map_err(Error::from)
             }
         };
         match logged {
-            Ok(()) => {
+            Ok(count) => {
                 let state = self.docs.get_mut(id).expect("present");
-                if !new_changes.is_empty() {
+                if count > 0 {
                     state.counter_total = None;
                 }
-                self.metrics.remote_changes += new_changes.len() as u64;
-                Ok(new_changes.len())
+                self.metrics.remote_changes += count as u64;
+                Ok(count)
             }
             Err(error) => {
                 if created {
@@ -742,6 +758,11 @@ impl<L: OpLog> Replica<L> {
             }
         }
     }
+}
+
+/// Whether `doc` holds `change` (cheaper than looking the change up).
+fn has_change(doc: &Automerge, change: &Change) -> bool {
+    doc.get_missing_deps(&[change.hash()]).is_empty()
 }
 
 fn parse_changes(batch: &ChangeBatch) -> Result<Vec<Change>, Error> {

@@ -1,0 +1,192 @@
+//! Growth and throughput bench: document bytes per million increments (folding on), ops/s, RSS.
+//!
+//! `cargo bench -p crdt-sync --bench growth -- [increments] [tick_every] [rate_per_s]`
+//! (defaults 1,000,000, 1,000, 1,000). Prints one row per 100,000
+//! increments: the curve. The op log is a counting sink here so the
+//! figures are the replica's own.
+
+use std::time::Instant;
+
+use crdt_sync::{
+    ChangeBatch, DocId, Error, MemOpLog, OpLog, OpLogError, OpRecord, Replica, ReplicaConfig,
+};
+
+/// Rows of the curve, in increments.
+const STEP_INCREMENTS: u64 = 100_000;
+/// Batch sizes of the remote-apply measurement (changes coalesced per apply).
+const COALESCE: [usize; 3] = [1, 100, 1_000];
+
+/// Counts what would be written; keeps nothing.
+#[derive(Default)]
+struct CountingLog {
+    records: u64,
+    bytes: u64,
+}
+
+impl OpLog for CountingLog {
+    fn append(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
+        for record in records {
+            self.records += 1;
+            self.bytes += record.encode().len() as u64;
+        }
+        Ok(self.records)
+    }
+
+    fn replay(
+        &self,
+        _after_position: u64,
+        _visit: &mut dyn FnMut(u64, OpRecord) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn truncate_through(&mut self, _position: u64) -> Result<(), OpLogError> {
+        Ok(())
+    }
+
+    fn last_position(&self) -> u64 {
+        self.records
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn arg(index: usize, default: u64) -> u64 {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .nth(index)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), Error> {
+    let increments = arg(0, 1_000_000);
+    let tick_every = arg(1, 1_000).max(1);
+    let rate_per_s = arg(2, 1_000).max(1);
+    let doc = DocId::counter("production")?;
+
+    println!(
+        "single replica, folding on: {increments} increments, tick every {tick_every}, \
+         simulated rate {rate_per_s}/s, dedup window {} ms",
+        crdt_sync::DEDUP_WINDOW_MS_DEFAULT
+    );
+    println!(
+        "{:>10} {:>12} {:>9} {:>11} {:>11} {:>8} {:>10} {:>11} {:>10} {:>9}",
+        "increments",
+        "doc_bytes",
+        "bytes/inc",
+        "changes",
+        "am_ops",
+        "live",
+        "tombstones",
+        "log_bytes",
+        "rss_mb",
+        "incs/s"
+    );
+    let mut replica = Replica::new(ReplicaConfig::new("a", &["a"]), CountingLog::default())?;
+    let started = Instant::now();
+    let mut step_started = Instant::now();
+    let mut busy = std::time::Duration::ZERO;
+    for i in 1..=increments {
+        let now_ms = i * 1_000 / rate_per_s;
+        let op_started = Instant::now();
+        replica.increment(&doc, &format!("cycle-{i:012}"), 1, now_ms)?;
+        if i % tick_every == 0 {
+            replica.tick(now_ms)?;
+        }
+        busy += op_started.elapsed();
+        if i % STEP_INCREMENTS == 0 || i == increments {
+            let step_elapsed = step_started.elapsed();
+            let counter = replica.counter(&doc)?.expect("counter exists");
+            assert_eq!(counter.value as u64, i);
+            let doc_bytes = replica.doc_bytes(&doc).unwrap_or(0);
+            let metrics = replica.metrics();
+            let log = replica.log();
+            println!(
+                "{:>10} {:>12} {:>9.1} {:>11} {:>11} {:>8} {:>10} {:>11} {:>10.1} {:>9.0}",
+                i,
+                doc_bytes,
+                doc_bytes as f64 / i as f64,
+                metrics.changes,
+                metrics.automerge_ops,
+                counter.live_ops,
+                counter.tombstones,
+                log.bytes,
+                rss_bytes() as f64 / 1e6,
+                STEP_INCREMENTS.min(i) as f64 / step_elapsed.as_secs_f64(),
+            );
+            step_started = Instant::now();
+        }
+    }
+    println!(
+        "total {:.1} s, {:.0} increments/s including ticks (excluding metrics)",
+        started.elapsed().as_secs_f64(),
+        increments as f64 / busy.as_secs_f64()
+    );
+    let compacted = replica.compact(&doc)?;
+    println!("after compact(): doc {compacted} bytes, rss {:.1} MB", rss_bytes() as f64 / 1e6);
+
+    remote_apply(increments.min(100_000))
+}
+
+/// Remote apply throughput: changes made at one replica, applied at another.
+fn remote_apply(increments: u64) -> Result<(), Error> {
+    let doc = DocId::counter("production")?;
+    let members = ["a", "b"];
+    let mut a = Replica::new(ReplicaConfig::new("a", &members), MemOpLog::new())?;
+    let mut batches = Vec::with_capacity(increments as usize);
+    for i in 1..=increments {
+        let update = a.increment(&doc, &format!("cycle-{i:012}"), 1, i)?;
+        batches.push(update.changes.expect("fresh op").into_bytes());
+    }
+    for coalesce in COALESCE {
+        let mut b = Replica::new(ReplicaConfig::new("b", &members), CountingLog::default())?;
+        let started = Instant::now();
+        for chunk in batches.chunks(coalesce) {
+            let mut batch = ChangeBatch::new();
+            for bytes in chunk {
+                batch.extend(&ChangeBatch::from_bytes(bytes)?);
+            }
+            b.apply_changes(&doc, batch.as_bytes())?;
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(b.counter(&doc)?.expect("exists").value as u64, increments);
+        println!(
+            "remote apply: {increments} changes in batches of {coalesce}: {:.2} s = {:.0} changes/s",
+            elapsed.as_secs_f64(),
+            increments as f64 / elapsed.as_secs_f64()
+        );
+    }
+
+    // Anti-entropy from scratch: a fresh replica syncs the whole history.
+    let mut c = Replica::new(ReplicaConfig::new("c", &["a", "c"]), CountingLog::default())?;
+    let started = Instant::now();
+    let mut messages = 0;
+    loop {
+        let to_c = a.sync_message(&doc, "c");
+        if let Some(message) = &to_c {
+            c.receive_sync_message(&doc, "a", message)?;
+            messages += 1;
+        }
+        let to_a = c.sync_message(&doc, "a");
+        if let Some(message) = &to_a {
+            a.receive_sync_message(&doc, "c", message)?;
+            messages += 1;
+        }
+        if to_a.is_none() && to_c.is_none() {
+            break;
+        }
+    }
+    assert_eq!(c.counter(&doc)?.expect("exists").value as u64, increments);
+    println!(
+        "anti-entropy of {increments} changes from scratch: {messages} messages, {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
