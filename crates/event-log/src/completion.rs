@@ -14,6 +14,8 @@ struct Slot<T> {
     value: Option<Result<T>>,
     waker: Option<Waker>,
     taken: bool,
+    /// A thread is blocked in `wait` (saves the wake-up syscall when nobody is).
+    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -27,8 +29,11 @@ impl<T> Shared<T> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         slot.value = Some(value);
         let waker = slot.waker.take();
+        let waiting = slot.waiting;
         drop(slot);
-        self.ready.notify_all();
+        if waiting {
+            self.ready.notify_all();
+        }
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -51,7 +56,7 @@ pub struct Pending<T> {
 
 pub(crate) fn pair<T>() -> (Completer<T>, Pending<T>) {
     let shared = Arc::new(Shared {
-        slot: Mutex::new(Slot { value: None, waker: None, taken: false }),
+        slot: Mutex::new(Slot { value: None, waker: None, taken: false, waiting: false }),
         ready: Condvar::new(),
     });
     (Completer { shared: Some(shared.clone()) }, Pending { shared })
@@ -89,6 +94,7 @@ impl<T> Pending<T> {
                 slot.taken = true;
                 return value;
             }
+            slot.waiting = true;
             slot = self.shared.ready.wait(slot).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -106,6 +112,7 @@ impl<T> Pending<T> {
                 drop(slot);
                 return Err(self);
             }
+            slot.waiting = true;
             slot = self
                 .shared
                 .ready

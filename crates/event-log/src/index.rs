@@ -15,6 +15,12 @@ pub(crate) const STREAM_EVENTS: TableDefinition<'_, (&str, u64), u64> =
     TableDefinition::new("stream_events");
 /// `event_ids`: event id as a big-endian u128 (time-ordered for UUIDv7) -> position.
 pub(crate) const EVENT_IDS: TableDefinition<'_, u128, u64> = TableDefinition::new("event_ids");
+/// `offsets`: every [`OFFSET_INDEX_EVERY_EVENTS`]th position -> where its record starts
+/// (segment first position, byte offset, hash of the previous event), so a cold read finds its
+/// place without scanning a whole segment.
+pub(crate) const OFFSETS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("offsets");
+/// Positions that are multiples of this get an `offsets` entry.
+pub(crate) const OFFSET_INDEX_EVERY_EVENTS: u64 = 256;
 /// `cursors`: cursor name -> position.
 pub(crate) const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursors");
 
@@ -55,6 +61,44 @@ impl Checkpoint {
     }
 }
 
+/// Where a record starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Locator {
+    pub segment_first: u64,
+    pub offset: u64,
+    pub prev_hash: Hash,
+}
+
+impl Locator {
+    fn encode(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        out[0..8].copy_from_slice(&self.segment_first.to_le_bytes());
+        out[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        out[16..48].copy_from_slice(&self.prev_hash);
+        out
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 48 {
+            return None;
+        }
+        Some(Self {
+            segment_first: u64::from_le_bytes(bytes[0..8].try_into().ok()?),
+            offset: u64::from_le_bytes(bytes[8..16].try_into().ok()?),
+            prev_hash: bytes[16..48].try_into().ok()?,
+        })
+    }
+}
+
+/// The closest indexed record start at or before `position`.
+pub(crate) fn locate(db: &redb::Database, position: u64) -> Result<Option<(u64, Locator)>> {
+    let txn = db.begin_read().map_err(index("begin read"))?;
+    let table = txn.open_table(OFFSETS).map_err(index("open offsets"))?;
+    let mut range = table.range(..=position).map_err(index("range offsets"))?;
+    let Some(item) = range.next_back() else { return Ok(None) };
+    let (k, v) = item.map_err(index("read offsets"))?;
+    Ok(Locator::decode(v.value()).map(|l| (k.value(), l)))
+}
+
 /// One event's index entries.
 #[derive(Debug, Clone)]
 pub(crate) struct IndexEntry {
@@ -62,6 +106,8 @@ pub(crate) struct IndexEntry {
     pub stream: String,
     pub stream_version: u64,
     pub event_id: [u8; 16],
+    /// Set for every [`OFFSET_INDEX_EVERY_EVENTS`]th position.
+    pub locator: Option<Locator>,
 }
 
 /// The id's key in [`EVENT_IDS`].
@@ -79,8 +125,20 @@ pub(crate) fn is_uuid_v7(key: u128) -> bool {
     (key >> 76) & 0xF == 7 && (key >> 62) & 0b11 == 0b10
 }
 
-/// Creates the tables if missing.
+/// Creates the tables if missing (a durable commit, so only when needed).
 pub(crate) fn init(db: &redb::Database) -> Result<()> {
+    {
+        let txn = db.begin_read().map_err(index("begin read"))?;
+        let present = txn.open_table(META).is_ok()
+            && txn.open_table(STREAMS).is_ok()
+            && txn.open_table(STREAM_EVENTS).is_ok()
+            && txn.open_table(EVENT_IDS).is_ok()
+            && txn.open_table(CURSORS).is_ok()
+            && txn.open_table(OFFSETS).is_ok();
+        if present {
+            return Ok(());
+        }
+    }
     let txn = db.begin_write().map_err(index("begin"))?;
     {
         txn.open_table(META).map_err(index("open meta"))?;
@@ -88,6 +146,7 @@ pub(crate) fn init(db: &redb::Database) -> Result<()> {
         txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
         txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
         txn.open_table(CURSORS).map_err(index("open cursors"))?;
+        txn.open_table(OFFSETS).map_err(index("open offsets"))?;
     }
     txn.commit().map_err(index("commit"))?;
     Ok(())
@@ -112,7 +171,11 @@ pub(crate) fn write_batch(
     prune_streams_below: Option<u64>,
 ) -> Result<()> {
     let mut txn = db.begin_write().map_err(index("begin write"))?;
-    if !durable {
+    if durable {
+        // Saves the allocator state with each checkpoint: reopening after a crash then needs no
+        // walk of the whole index.
+        txn.set_quick_repair(true);
+    } else {
         txn.set_durability(redb::Durability::None).map_err(index("set durability"))?;
     }
     {
@@ -120,7 +183,13 @@ pub(crate) fn write_batch(
         let mut stream_events =
             txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
         let mut ids = txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
+        let mut offsets = txn.open_table(OFFSETS).map_err(index("open offsets"))?;
         for entry in entries {
+            if let Some(locator) = &entry.locator {
+                offsets
+                    .insert(entry.position, locator.encode().as_slice())
+                    .map_err(index("insert offset"))?;
+            }
             stream_events
                 .insert((entry.stream.as_str(), entry.stream_version), entry.position)
                 .map_err(index("insert stream event"))?;
@@ -142,6 +211,7 @@ pub(crate) fn write_batch(
             ids.retain_in(..id_key_at_ms(ms), |k, _| !is_uuid_v7(k)).map_err(index("prune ids"))?;
         }
         if let Some(floor) = prune_streams_below {
+            offsets.retain_in(..floor, |_, _| false).map_err(index("prune offsets"))?;
             let names: Vec<String> = streams
                 .iter()
                 .map_err(index("list streams"))?

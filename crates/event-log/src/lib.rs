@@ -30,7 +30,7 @@ mod writer;
 
 pub use completion::Pending;
 pub use error::{Error, Result};
-pub use log::{EventLog, INDEX_FILE_NAME, Subscription};
+pub use log::{EventLog, INDEX_FILE_NAME, Stats, Subscription};
 pub use options::*;
 pub use record::{Event, GENESIS_HASH, Hash};
 pub use segment::{SEGMENT_SUFFIX, parse_segment_name, segment_name};

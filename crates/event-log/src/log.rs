@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll, Waker};
@@ -23,7 +24,8 @@ use crate::record::{
     Event, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
 };
 use crate::segment::{
-    RecordFault, Segment, SegmentReader, SparseEntry, TEMP_SUFFIX, parse_segment_name,
+    CLEAN_MARKER_NAME, PREALLOC_NAME, RecordFault, SPARSE_EVERY_EVENTS, Segment, SegmentReader,
+    SparseEntry, TEMP_SUFFIX, ZERO_CHUNK_BYTES, parse_segment_name,
 };
 use crate::vfs::{RedbBackend, StdVfs, Vfs, join};
 use crate::writer::{Command, Writer, WriterInit};
@@ -60,6 +62,33 @@ pub(crate) struct Shared {
     pub db: redb::Database,
     /// Durable stream entries not yet written to redb: (stream, version) -> position.
     pub unindexed: Mutex<BTreeMap<(String, u64), u64>>,
+    /// Every event up to this position is in redb.
+    pub indexed_position: AtomicU64,
+    /// Set when an index write failed (the writer then fails the log).
+    pub index_error: Mutex<Option<String>>,
+    pub stats: Counters,
+}
+
+/// Counters the writer keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub group_commits: AtomicU64,
+    pub events: AtomicU64,
+    pub index_writes: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+/// What the writer has done since the log was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Group commits (one `fdatasync` of the active segment each).
+    pub group_commits: u64,
+    /// Events made durable.
+    pub events: u64,
+    /// Non-durable index writes.
+    pub index_writes: u64,
+    /// Durable index checkpoints.
+    pub checkpoints: u64,
 }
 
 impl Shared {
@@ -97,7 +126,18 @@ impl Shared {
             let first = segments.first().map_or(1, |s| s.header.first_position);
             return Err(Error::Compacted { position: from, first_position: first });
         };
-        let start = segments[idx].sparse_floor(from);
+        let mut start = segments[idx].sparse_floor(from);
+        if from - start.position > SPARSE_EVERY_EVENTS {
+            // Cold read: the index knows a closer record start.
+            if let Some((position, locator)) = index::locate(&self.db, from)?
+                && locator.segment_first == segments[idx].header.first_position
+                && position > start.position
+            {
+                start =
+                    SparseEntry { position, offset: locator.offset, prev_hash: locator.prev_hash };
+                segments[idx].note(start);
+            }
+        }
         let mut position = start.position;
         let mut prev_hash = start.prev_hash;
         let mut offset = start.offset;
@@ -224,6 +264,7 @@ impl EventLog {
         let recovered = recover(vfs.as_ref(), &dir, &options)?;
         let (tx, rx) = mpsc::sync_channel(options.queue_depth);
         let Recovered { db, segments, head, writer_init } = recovered;
+        let head_position = head.position;
         let shared = Arc::new(Shared {
             vfs,
             dir,
@@ -233,6 +274,9 @@ impl EventLog {
             head_changed: Condvar::new(),
             db,
             unindexed: Mutex::new(BTreeMap::new()),
+            indexed_position: AtomicU64::new(head_position),
+            index_error: Mutex::new(None),
+            stats: Counters::default(),
         });
         info!(
             dir = %shared.dir.display(),
@@ -331,6 +375,17 @@ impl EventLog {
             let _ = handle.join();
         }
         result
+    }
+
+    /// Counters of the writer's work since open.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared().stats;
+        Stats {
+            group_commits: c.group_commits.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            index_writes: c.index_writes.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+        }
     }
 
     /// The durable head, the compaction floor and the log size.
@@ -684,10 +739,16 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     // Segments and leftovers.
     let mut firsts = Vec::new();
     let mut removed_any = false;
+    let mut clean = false;
     for name in vfs.list(dir).map_err(io("list log directory"))? {
-        if let Some(first) = parse_segment_name(&name) {
+        if name == CLEAN_MARKER_NAME {
+            // Durably forget the clean close before anything can be written again.
+            vfs.remove(&join(dir, &name)).map_err(io("remove clean marker"))?;
+            removed_any = true;
+            clean = true;
+        } else if let Some(first) = parse_segment_name(&name) {
             firsts.push(first);
-        } else if name.ends_with(TEMP_SUFFIX) {
+        } else if name.ends_with(TEMP_SUFFIX) && name != PREALLOC_NAME {
             vfs.remove(&join(dir, &name)).map_err(io("remove temporary file"))?;
             removed_any = true;
         }
@@ -748,10 +809,19 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         let mut reader =
             SegmentReader::new(segment.file.as_ref(), offset, segment.len_bytes, max_body);
         loop {
+            let at = reader.offset();
             match reader.next_record().map_err(io("read segment"))? {
                 Ok(raw) => {
                     let mut event = raw.decoded.event;
                     event.prev_hash = hash;
+                    let locator = event
+                        .position
+                        .is_multiple_of(index::OFFSET_INDEX_EVERY_EVENTS)
+                        .then_some(index::Locator {
+                            segment_first: segment.header.first_position,
+                            offset: at,
+                            prev_hash: hash,
+                        });
                     if event.position != position + 1 || event.compute_hash() != event.hash {
                         damaged_at = Some((position + 1, "record does not continue the chain"));
                         break;
@@ -764,6 +834,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
                         stream: event.stream,
                         stream_version: event.stream_version,
                         event_id: event.event_id,
+                        locator,
                     });
                     if raw.decoded.flags & FLAG_BATCH_CONTINUES == 0 {
                         complete = (seg_idx, offset, position, hash, entries.len());
@@ -815,12 +886,25 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         }
         let active = &segments[cut_idx];
         let end = (cut_offset + scrub_window_bytes(options)).min(active.len_bytes);
-        if end > cut_offset {
+        // After a clean close with nothing past the checkpoint, the tail is known to be zeros.
+        let known_clean = clean && damaged_at.is_none() && head_position == checkpoint_position;
+        if end > cut_offset && !known_clean {
             let mut buf = vec![0u8; (end - cut_offset) as usize];
             active.file.read_exact_at(&mut buf, cut_offset).map_err(io("read tail"))?;
-            if buf.iter().any(|&b| b != 0) {
-                buf.fill(0);
-                active.file.write_all_at(&buf, cut_offset).map_err(io("zero torn tail"))?;
+            // Zero only the pages that hold anything (page-sized writes; see ZERO_CHUNK_BYTES).
+            let zeros = [0u8; ZERO_CHUNK_BYTES];
+            let mut zeroed = false;
+            for (i, chunk) in buf.chunks(ZERO_CHUNK_BYTES).enumerate() {
+                if chunk.iter().any(|&b| b != 0) {
+                    let at = cut_offset + (i * ZERO_CHUNK_BYTES) as u64;
+                    active
+                        .file
+                        .write_all_at(&zeros[..chunk.len()], at)
+                        .map_err(io("zero torn tail"))?;
+                    zeroed = true;
+                }
+            }
+            if zeroed {
                 active.file.sync_data().map_err(io("sync segment"))?;
                 changed = true;
             }

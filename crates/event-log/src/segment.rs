@@ -10,8 +10,17 @@ use crate::vfs::VfsFile;
 
 /// Suffix of segment files; the stem is the first position, zero-padded to 20 digits.
 pub const SEGMENT_SUFFIX: &str = ".seg";
-/// Suffix of files being preallocated (removed on open).
+/// Suffix of temporary files (removed on open, except a complete preallocated segment).
 pub const TEMP_SUFFIX: &str = ".tmp";
+/// Name of the preallocated (zero-filled) file that becomes the next segment.
+pub const PREALLOC_NAME: &str = "next-segment.tmp";
+/// Marker file written at a clean close: the bytes after the head are known to be zeros, so
+/// the next open need not check them. Removed (durably) by the open that finds it.
+pub const CLEAN_MARKER_NAME: &str = "clean-shutdown";
+/// Zeros written per call while preallocating and when zeroing a torn tail. One page: on
+/// kernels with large page-cache folios, bigger writes create bigger folios, and a later small
+/// append into one dirties (and is accounted as) the whole folio.
+pub const ZERO_CHUNK_BYTES: usize = 4096;
 /// A sparse offset entry is kept every this many records.
 pub const SPARSE_EVERY_EVENTS: u64 = 64;
 /// Bytes a sequential reader fetches per read.

@@ -2,9 +2,11 @@
 //! then completes every waiter; keeps the redb index and its checkpoints off the ack path.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,19 +15,16 @@ use tracing::{error, warn};
 
 use crate::completion::Completer;
 use crate::error::{Error, Result, index, io};
-use crate::index::{self, Checkpoint, IndexEntry};
+use crate::index::{self, Checkpoint, IndexEntry, Locator};
 use crate::log::Shared;
 use crate::options::{AppendRequest, Appended, CompactReport, Durability, MAX_UNSYNCED_BYTES};
 use crate::record::{
     self, Event, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
 };
-use crate::segment::{Segment, TEMP_SUFFIX, segment_name};
+use crate::segment::{
+    CLEAN_MARKER_NAME, PREALLOC_NAME, Segment, TEMP_SUFFIX, ZERO_CHUNK_BYTES, segment_name,
+};
 use crate::vfs::{Vfs, VfsFile, join};
-
-/// Name of the segment file being preallocated.
-const PREALLOC_NAME: &str = "next-segment.tmp";
-/// Zeros written per call while preallocating.
-const PREALLOC_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// What the handles ask of the writer.
 #[derive(Debug)]
@@ -97,8 +96,13 @@ pub(crate) struct Writer {
     position: u64,
     hash: Hash,
     streams: HashMap<String, u64>,
-    /// Ids written but not yet in redb.
+    /// Ids written but not yet in redb, and the same in position order for pruning.
     recent_ids: HashMap<[u8; 16], Appended>,
+    recent_order: VecDeque<([u8; 16], u64)>,
+    /// The dedup table, read once per group.
+    id_table: Option<redb::ReadOnlyTable<u128, u64>>,
+    index_tx: Option<SyncSender<IndexJob>>,
+    index_thread: Option<JoinHandle<()>>,
     /// Written, not yet synced.
     unsynced: Vec<IndexEntry>,
     unsynced_bytes: u64,
@@ -113,6 +117,7 @@ pub(crate) struct Writer {
     events_since_checkpoint: u64,
     prune_streams_below: Option<u64>,
     prealloc: Option<JoinHandle<std::io::Result<Prealloc>>>,
+    prealloc_started: bool,
     last_timestamp_ms: u64,
     failed: Option<Error>,
     // Group scratch.
@@ -125,13 +130,22 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Makes (or reuses) the zero-filled file of the next segment. Only zeros are ever written to
+/// it, so a leftover of full length from an earlier run is as good as a new one.
 fn preallocate(vfs: &dyn Vfs, path: PathBuf, len_bytes: u64) -> std::io::Result<Prealloc> {
+    if vfs.exists(&path)? {
+        let file = vfs.open(&path, false)?;
+        if file.len()? == len_bytes {
+            file.sync_data()?;
+            return Ok(Prealloc { path, file });
+        }
+    }
     let file = vfs.open(&path, true)?;
     file.set_len(0)?;
-    let zeros = vec![0u8; PREALLOC_CHUNK_BYTES];
+    let zeros = [0u8; ZERO_CHUNK_BYTES];
     let mut at = 0u64;
     while at < len_bytes {
-        let n = (len_bytes - at).min(PREALLOC_CHUNK_BYTES as u64) as usize;
+        let n = (len_bytes - at).min(ZERO_CHUNK_BYTES as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }
@@ -142,7 +156,13 @@ fn preallocate(vfs: &dyn Vfs, path: PathBuf, len_bytes: u64) -> std::io::Result<
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Command>, init: WriterInit) -> Self {
         let now = Instant::now();
-        let mut writer = Self {
+        let (index_tx, index_rx) = mpsc::sync_channel(INDEX_QUEUE_JOBS);
+        let index_shared = shared.clone();
+        let index_thread = std::thread::Builder::new()
+            .name("event-log-index".into())
+            .spawn(move || run_indexer(index_shared, index_rx))
+            .ok();
+        Self {
             shared,
             rx,
             active: init.active,
@@ -152,6 +172,10 @@ impl Writer {
             hash: init.hash,
             streams: init.streams,
             recent_ids: HashMap::new(),
+            recent_order: VecDeque::new(),
+            id_table: None,
+            index_tx: Some(index_tx),
+            index_thread,
             unsynced: Vec::new(),
             unsynced_bytes: 0,
             waiters: Vec::new(),
@@ -164,14 +188,13 @@ impl Writer {
             events_since_checkpoint: 0,
             prune_streams_below: None,
             prealloc: None,
+            prealloc_started: false,
             last_timestamp_ms: 0,
             failed: None,
             buf: Vec::new(),
             spans: Vec::new(),
             group_immediate: false,
-        };
-        writer.start_prealloc();
-        writer
+        }
     }
 
     fn start_prealloc(&mut self) {
@@ -248,6 +271,7 @@ impl Writer {
                 },
             };
             let mut controls = Vec::new();
+            self.prune_recent();
             if let Some(command) = first {
                 let mut events = 0usize;
                 let mut bytes = 0usize;
@@ -278,6 +302,7 @@ impl Writer {
                     }
                 }
             }
+            self.id_table = None;
             self.commit_group();
             let mut stop = false;
             for control in controls {
@@ -312,12 +337,16 @@ impl Writer {
         self.last_timestamp_ms
     }
 
-    fn lookup_id(&self, id: &[u8; 16]) -> Result<Option<Appended>> {
+    fn lookup_id(&mut self, id: &[u8; 16]) -> Result<Option<Appended>> {
         if let Some(found) = self.recent_ids.get(id) {
             return Ok(Some(*found));
         }
-        let txn = self.shared.db.begin_read().map_err(index("begin read"))?;
-        let table = txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?;
+        if self.id_table.is_none() {
+            let txn = self.shared.db.begin_read().map_err(index("begin read"))?;
+            self.id_table =
+                Some(txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?);
+        }
+        let table = self.id_table.as_ref().expect("opened above");
         let Some(position) = table.get(index::id_key(id)).map_err(index("get id"))? else {
             return Ok(None);
         };
@@ -328,6 +357,20 @@ impl Writer {
             .next()
             .ok_or(Error::Corrupt { position, reason: "indexed event missing".into() })?;
         Ok(Some(Appended { position, stream_version: event.stream_version, hash: event.hash }))
+    }
+
+    /// Forgets ids the index now holds.
+    fn prune_recent(&mut self) {
+        let indexed = self.shared.indexed_position.load(Ordering::Acquire);
+        while let Some(&(id, position)) = self.recent_order.front() {
+            if position > indexed {
+                break;
+            }
+            self.recent_order.pop_front();
+            if self.recent_ids.get(&id).is_some_and(|a| a.position == position) {
+                self.recent_ids.remove(&id);
+            }
+        }
     }
 
     /// Encodes one event at the next position into the group buffer.
@@ -365,11 +408,13 @@ impl Writer {
         self.hash = event.hash;
         self.streams.insert(request.stream.clone(), version);
         self.recent_ids.insert(request.event_id, appended);
+        self.recent_order.push_back((request.event_id, position));
         self.unsynced.push(IndexEntry {
             position,
             stream: request.stream.clone(),
             stream_version: version,
             event_id: request.event_id,
+            locator: None,
         });
         appended
     }
@@ -485,6 +530,11 @@ impl Writer {
         let spans = std::mem::take(&mut self.spans);
         let buf = std::mem::take(&mut self.buf);
         let result = self.write_spans(&buf, &spans);
+        if !spans.is_empty() && !self.prealloc_started {
+            // The first write of this run: get the next segment ready in the background.
+            self.prealloc_started = true;
+            self.start_prealloc();
+        }
         self.buf = buf;
         self.buf.clear();
         if let Err(e) = result {
@@ -506,7 +556,8 @@ impl Writer {
         let mut pending_from = 0usize;
         let mut pending_offset = self.write_offset;
         let mut cursor = self.write_offset;
-        for span in spans {
+        let first_entry = self.unsynced.len() - spans.len();
+        for (i, span) in spans.iter().enumerate() {
             let len = (span.end - span.start) as u64;
             let capacity = self.active.as_ref().map_or(0, |s| s.len_bytes);
             if cursor + len > capacity {
@@ -520,6 +571,11 @@ impl Writer {
                 pending_from = span.start;
                 pending_offset = self.write_offset;
                 cursor = self.write_offset;
+            }
+            if span.position.is_multiple_of(index::OFFSET_INDEX_EVERY_EVENTS) {
+                let segment_first = self.active.as_ref().map_or(0, |s| s.header.first_position);
+                self.unsynced[first_entry + i].locator =
+                    Some(Locator { segment_first, offset: cursor, prev_hash: span.prev_hash });
             }
             cursor += len;
         }
@@ -539,6 +595,7 @@ impl Writer {
         if !self.unsynced.is_empty() {
             let active = self.active.clone().expect("active segment");
             active.file.sync_data().map_err(io("sync segment"))?;
+            self.shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
             self.unsynced_bytes = 0;
             let active_first = active.header.first_position;
             self.durable = Checkpoint {
@@ -548,6 +605,7 @@ impl Writer {
                 next_offset: self.write_offset,
             };
             let entries = std::mem::take(&mut self.unsynced);
+            self.shared.stats.events.fetch_add(entries.len() as u64, Ordering::Relaxed);
             self.events_since_checkpoint += entries.len() as u64;
             {
                 let mut unindexed = self.shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
@@ -587,40 +645,43 @@ impl Writer {
         }
     }
 
-    fn write_index(&mut self, durable: bool) -> Result<()> {
+    /// Hands the durable, not yet indexed entries to the index thread (a non-durable redb
+    /// write, or a durable checkpoint); `wait` blocks until it is committed.
+    fn write_index(&mut self, durable: bool, wait: bool) -> Result<()> {
         if self.pending_index.is_empty() && (!durable || self.indexed == self.durable) {
             return Ok(());
         }
         let options = &self.shared.options;
-        let prune_ms =
+        let prune_ids_below_ms =
             durable.then(|| now_ms().saturating_sub(options.dedup_window.as_millis() as u64));
-        let prune_streams = if durable { self.prune_streams_below.take() } else { None };
-        index::write_batch(
-            &self.shared.db,
-            &self.pending_index,
-            &self.durable,
+        let prune_streams_below = if durable { self.prune_streams_below.take() } else { None };
+        let (done, pending) = if wait {
+            let (done, pending) = crate::completion::pair();
+            (Some(done), Some(pending))
+        } else {
+            (None, None)
+        };
+        let job = IndexJob {
+            entries: std::mem::take(&mut self.pending_index),
+            checkpoint: self.durable,
             durable,
-            prune_ms,
-            prune_streams,
-        )?;
-        {
-            let mut unindexed = self.shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
-            for entry in &self.pending_index {
-                unindexed.remove(&(entry.stream.clone(), entry.stream_version));
-            }
-        }
-        for entry in self.pending_index.drain(..) {
-            if self.recent_ids.get(&entry.event_id).is_some_and(|a| a.position == entry.position) {
-                self.recent_ids.remove(&entry.event_id);
-            }
-        }
+            prune_ids_below_ms,
+            prune_streams_below,
+            done,
+        };
+        let tx = self.index_tx.as_ref().ok_or(Error::Closed)?;
+        tx.send(job)
+            .map_err(|_| Error::Index { op: "queue", message: "index thread gone".into() })?;
         self.last_index_write = Instant::now();
         if durable {
             self.indexed = self.durable;
             self.last_checkpoint = self.last_index_write;
             self.events_since_checkpoint = 0;
         }
-        Ok(())
+        match pending {
+            Some(pending) => pending.wait(),
+            None => Ok(()),
+        }
     }
 
     fn housekeeping(&mut self) {
@@ -640,10 +701,13 @@ impl Writer {
         let flush_due = !self.pending_index.is_empty()
             && (self.pending_index.len() >= options.index_flush_events
                 || now >= self.last_index_write + options.index_flush_interval);
-        let result = if checkpoint_due {
-            self.write_index(true)
+        let index_error = self.shared.index_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = if let Some(message) = index_error {
+            Err(Error::Index { op: "write", message })
+        } else if checkpoint_due {
+            self.write_index(true, false)
         } else if flush_due {
-            self.write_index(false)
+            self.write_index(false, false)
         } else {
             Ok(())
         };
@@ -652,9 +716,17 @@ impl Writer {
         }
     }
 
+    /// Records a clean close: everything is synced and indexed, and nothing follows the head.
+    fn mark_clean(&mut self) -> Result<()> {
+        let path = join(&self.shared.dir, CLEAN_MARKER_NAME);
+        let file = self.shared.vfs.open(&path, true).map_err(io("create clean marker"))?;
+        file.sync_data().map_err(io("sync clean marker"))?;
+        self.shared.vfs.sync_dir(&self.shared.dir).map_err(io("sync log directory"))
+    }
+
     fn compact(&mut self, below: u64) -> Result<CompactReport> {
         self.sync()?;
-        self.write_index(true)?;
+        self.write_index(true, true)?;
         let below = below.min(self.durable.position + 1);
         let removed: Vec<Arc<Segment>> = {
             let mut segments = self.shared.segments.write().unwrap_or_else(|e| e.into_inner());
@@ -705,7 +777,7 @@ impl Writer {
             Command::Checkpoint { done } => match failed {
                 Some(e) => done.complete(Err(e)),
                 None => {
-                    let result = self.sync().and_then(|()| self.write_index(true));
+                    let result = self.sync().and_then(|()| self.write_index(true, true));
                     if let Err(e) = &result {
                         self.fail(e.duplicate());
                     }
@@ -725,8 +797,16 @@ impl Writer {
             Command::Shutdown { done } => {
                 let result = match failed {
                     Some(_) => Ok(()),
-                    None => self.sync().and_then(|()| self.write_index(true)),
+                    None => self
+                        .sync()
+                        .and_then(|()| self.write_index(true, true))
+                        .and_then(|()| self.mark_clean()),
                 };
+                // Stop the index thread after its last job.
+                self.index_tx = None;
+                if let Some(handle) = self.index_thread.take() {
+                    let _ = handle.join();
+                }
                 if let Some(handle) = self.prealloc.take() {
                     let _ = handle.join();
                 }
@@ -745,5 +825,62 @@ impl Writer {
             }
         }
         false
+    }
+}
+
+/// Most index jobs queued for the index thread before the writer waits.
+const INDEX_QUEUE_JOBS: usize = 16;
+
+/// One redb write for the index thread.
+#[derive(Debug)]
+struct IndexJob {
+    entries: Vec<IndexEntry>,
+    checkpoint: Checkpoint,
+    durable: bool,
+    prune_ids_below_ms: Option<u64>,
+    prune_streams_below: Option<u64>,
+    done: Option<Completer<()>>,
+}
+
+/// The index thread: applies jobs to redb in order, publishes how far the index reaches.
+fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
+    while let Ok(job) = rx.recv() {
+        let failed = shared.index_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = match failed {
+            Some(message) => Err(Error::Index { op: "write", message }),
+            None => index::write_batch(
+                &shared.db,
+                &job.entries,
+                &job.checkpoint,
+                job.durable,
+                job.prune_ids_below_ms,
+                job.prune_streams_below,
+            ),
+        };
+        match &result {
+            Ok(()) => {
+                {
+                    let mut unindexed = shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
+                    for entry in &job.entries {
+                        unindexed.remove(&(entry.stream.clone(), entry.stream_version));
+                    }
+                }
+                shared.indexed_position.fetch_max(job.checkpoint.position, Ordering::Release);
+                let counter = if job.durable {
+                    &shared.stats.checkpoints
+                } else {
+                    &shared.stats.index_writes
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                error!(error = %e, "index write failed");
+                let mut slot = shared.index_error.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }
+        if let Some(done) = job.done {
+            done.complete(result);
+        }
     }
 }
