@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use raft::prelude::Message;
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Message,
+};
 
 use crate::config::NodeConfig;
 use crate::estop::{EStop, EStopCommand, EStopQuery, EStopResponse};
@@ -39,8 +41,13 @@ pub const CONVERGE_MS_MAX: u64 = 5_000;
 pub struct SimConfig {
     /// The seed; everything random derives from it.
     pub seed: u64,
-    /// Members (3 or 5 in the tests).
+    /// Initial voters (3 or 5 in the tests).
     pub nodes: usize,
+    /// Extra nodes that start outside the group; during the faulty phase the leader is asked
+    /// to swap one of them in for a voter (joint consensus). A member that learns it was
+    /// removed is shut down for good (its id is never reused: a wiped node under an old id
+    /// would vote without its log, which no Raft tolerates).
+    pub spares: usize,
     /// Concurrent clients, each with at most one operation in flight.
     pub clients: usize,
     /// Length of the faulty phase.
@@ -91,6 +98,7 @@ impl SimConfig {
         Self {
             seed,
             nodes,
+            spares: 0,
             clients: 3,
             chaos_ms: 2_500,
             snapshot_interval_entries: 12,
@@ -120,6 +128,12 @@ pub struct SimReport {
     pub partitions: usize,
     /// Leadership transfers requested.
     pub transfers: usize,
+    /// Membership swaps proposed.
+    pub membership_changes: usize,
+    /// Members that learnt they were removed (and were shut down).
+    pub removals: usize,
+    /// Spares that became members.
+    pub joins: usize,
     /// Snapshots installed from a leader.
     pub snapshots_installed: usize,
     /// Ticks from heal until a post-heal write was acknowledged.
@@ -167,6 +181,12 @@ impl Rng {
 
 struct SimNode<D: Disk> {
     node: Option<Node<D::Store, EStop>>,
+    /// Starts with the initial voters (an empty disk bootstraps); false for spares.
+    bootstrap: bool,
+    /// The simulation's record of whether the node knows itself a member.
+    member: bool,
+    /// Removed from the group and shut down for good.
+    retired: bool,
     /// The node's "disk": what survives crashes.
     disk: D,
     tick_offset_ms: u64,
@@ -229,15 +249,22 @@ fn run_on<D: Disk>(config: &SimConfig) -> Result<SimReport, SimFailure> {
 impl<D: Disk> Sim<D> {
     fn new(config: SimConfig) -> Self {
         let mut rng = Rng(config.seed ^ 0x6b65_656c_7369_6d00);
-        let nodes = (0..config.nodes)
-            .map(|_| SimNode { node: None, disk: D::default(), tick_offset_ms: rng.below(TICK_MS) })
+        let nodes = (0..config.nodes + config.spares)
+            .map(|i| SimNode {
+                node: None,
+                bootstrap: i < config.nodes,
+                member: i < config.nodes,
+                retired: false,
+                disk: D::default(),
+                tick_offset_ms: rng.below(TICK_MS),
+            })
             .collect();
         let drop_p = [0.0, 0.02, 0.1, 0.25][rng.below(4) as usize];
         let duplicate_p = [0.0, 0.05][rng.below(2) as usize];
         let straggler_p = [0.0, 0.02][rng.below(2) as usize];
         Self {
             report: SimReport { seed: config.seed, ..SimReport::default() },
-            groups: vec![0; config.nodes],
+            groups: vec![0; config.nodes + config.spares],
             busy: vec![false; config.clients],
             config,
             rng,
@@ -261,7 +288,12 @@ impl<D: Disk> Sim<D> {
     }
 
     fn node_config(&self, id: u64) -> NodeConfig {
-        let mut config = NodeConfig::new(id, (1..=self.config.nodes as u64).collect());
+        let peers = if self.nodes[id as usize - 1].bootstrap {
+            (1..=self.config.nodes as u64).collect()
+        } else {
+            Vec::new()
+        };
+        let mut config = NodeConfig::new(id, peers);
         config.tick_ms = TICK_MS;
         config.election_ticks = 10;
         config.heartbeat_ticks = 2;
@@ -284,11 +316,15 @@ impl<D: Disk> Sim<D> {
     }
 
     fn crash(&mut self, index: usize) {
-        let id = index as u64 + 1;
         // Power cut first: nothing the dying process does afterwards reaches its disk.
         self.nodes[index].disk.crash();
-        self.nodes[index].node = None;
+        self.stop(index);
         self.report.crashes += 1;
+    }
+
+    fn stop(&mut self, index: usize) {
+        let id = index as u64 + 1;
+        self.nodes[index].node = None;
         // Every operation in flight on it has an unknown outcome (writes) or failed (reads).
         let mut lost: Vec<(u64, RequestId)> =
             self.pending.keys().filter(|(node, _)| *node == id).copied().collect();
@@ -338,6 +374,7 @@ impl<D: Disk> Sim<D> {
                 self.ready(index)?;
             }
             self.check_leaders()?;
+            self.track_membership()?;
             if let (Some(heal), None) = (self.heal_ms, self.healed_commit_ms)
                 && now > heal + HEAL_COMMIT_TICKS_MAX * TICK_MS
             {
@@ -363,22 +400,104 @@ impl<D: Disk> Sim<D> {
         self.nodes.iter().map(|n| n.node.as_ref().map_or(0, |node| node.status().applied)).collect()
     }
 
+    fn leader_index(&self) -> Option<usize> {
+        self.nodes.iter().position(|s| s.node.as_ref().is_some_and(|node| node.is_leader()))
+    }
+
+    /// The members of the leader's configuration, all running; `None` while some is not.
+    fn final_members(&self) -> Option<Vec<&Node<D::Store, EStop>>> {
+        let leader = self.nodes[self.leader_index()?].node.as_ref()?;
+        leader
+            .status()
+            .members()
+            .iter()
+            .map(|&id| self.nodes.get(id as usize - 1).and_then(|n| n.node.as_ref()))
+            .collect()
+    }
+
     fn converged(&self) -> bool {
-        let nodes: Vec<&Node<D::Store, EStop>> =
-            self.nodes.iter().filter_map(|n| n.node.as_ref()).collect();
-        let Some(first) = nodes.first() else {
+        let Some(members) = self.final_members() else {
             return false;
         };
-        let applied = first.status().applied;
-        nodes.iter().all(|n| {
+        let applied = members[0].status().applied;
+        members.iter().all(|n| {
             let status = n.status();
-            status.applied == applied && status.commit == applied
-        }) && nodes.iter().any(|n| n.is_leader())
+            status.applied == applied
+                && status.commit == applied
+                && status.voters_outgoing.is_empty()
+        })
+    }
+
+    /// Spares that were added become members; members that learnt of their removal retire.
+    fn track_membership(&mut self) -> Result<(), String> {
+        for index in 0..self.nodes.len() {
+            let id = index as u64 + 1;
+            let Some(status) = self.nodes[index].node.as_ref().map(|n| n.status()) else {
+                continue;
+            };
+            let listed = status.members().contains(&id);
+            if !self.nodes[index].member && listed {
+                self.nodes[index].member = true;
+                self.report.joins += 1;
+            } else if self.nodes[index].member
+                && !listed
+                && status.voters_outgoing.is_empty()
+                && !status.voters.is_empty()
+            {
+                self.stop(index);
+                self.nodes[index].retired = true;
+                self.nodes[index].member = false;
+                self.report.removals += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn propose_swap(&mut self) {
+        let Some(leader) = self.leader_index() else {
+            return;
+        };
+        let status = self.nodes[leader].node.as_ref().expect("leader runs").status();
+        if !status.voters_outgoing.is_empty() {
+            return;
+        }
+        let spares: Vec<u64> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].node.is_some() && !self.nodes[i].member)
+            .map(|i| i as u64 + 1)
+            .filter(|id| !status.members().contains(id))
+            .collect();
+        let voters: Vec<u64> =
+            status.voters.iter().copied().filter(|&id| id != status.id).collect();
+        if spares.is_empty() || voters.is_empty() {
+            return;
+        }
+        let add = spares[self.rng.below(spares.len() as u64) as usize];
+        let remove = voters[self.rng.below(voters.len() as u64) as usize];
+        let mut change = ConfChangeV2::default();
+        change.set_transition(ConfChangeTransition::Auto);
+        for (id, change_type) in
+            [(add, ConfChangeType::AddNode), (remove, ConfChangeType::RemoveNode)]
+        {
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(change_type);
+            single.node_id = id;
+            change.changes.push(single);
+        }
+        let node = self.nodes[leader].node.as_mut().expect("leader runs");
+        if node.propose_conf_change(change).is_ok() {
+            self.report.membership_changes += 1;
+        }
+    }
+
+    fn down(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].node.is_none() && !self.nodes[i].retired)
+            .collect()
     }
 
     fn inject_faults(&mut self) -> Result<(), String> {
         let n = self.nodes.len();
-        let crashed = n - self.alive().len();
+        let crashed = self.down().len();
         let roll = self.rng.below(1000);
         match roll {
             // Partition: isolate the leader or split at random.
@@ -407,10 +526,11 @@ impl<D: Disk> Sim<D> {
                 }
             }
             45..=74 if crashed > 0 => {
-                let down: Vec<usize> = (0..n).filter(|&i| self.nodes[i].node.is_none()).collect();
+                let down = self.down();
                 let index = down[self.rng.below(down.len() as u64) as usize];
                 self.start(index)?;
             }
+            85..=99 if self.config.spares > 0 => self.propose_swap(),
             // Hand leadership to another member (it may be unreachable: then nothing happens).
             75..=84 => {
                 let leader = self
@@ -436,10 +556,8 @@ impl<D: Disk> Sim<D> {
         self.drop_p = 0.0;
         self.duplicate_p = 0.0;
         self.straggler_p = 0.0;
-        for index in 0..self.nodes.len() {
-            if self.nodes[index].node.is_none() {
-                self.start(index)?;
-            }
+        for index in self.down() {
+            self.start(index)?;
         }
         self.heal_ms = Some(self.now_ms);
         self.heal_clock = self.clock;
@@ -507,7 +625,11 @@ impl<D: Disk> Sim<D> {
             if self.busy[client] || !self.rng.chance(1.0 / 25.0) {
                 continue;
             }
-            let alive = self.alive();
+            // Clients mostly talk to members; now and then to anyone (a spare answers NoQuorum).
+            let mut alive = self.alive();
+            if !self.rng.chance(0.1) {
+                alive.retain(|&i| self.nodes[i].member);
+            }
             if alive.is_empty() {
                 return Ok(());
             }
@@ -683,8 +805,7 @@ impl<D: Disk> Sim<D> {
             }
         }
         // Every member holds the same state.
-        let nodes: Vec<&Node<D::Store, EStop>> =
-            self.nodes.iter().filter_map(|n| n.node.as_ref()).collect();
+        let nodes = self.final_members().ok_or("a member is down at the end")?;
         for pair in nodes.windows(2) {
             if pair[0].state_machine() != pair[1].state_machine() {
                 return Err(format!(

@@ -7,6 +7,8 @@ use raft_safety::sim::{self, SimConfig, SimReport, StoreKind};
 
 /// Seeds per cluster size in one test run.
 const SEEDS: u64 = 500;
+/// Seeds with membership swaps (3 voters, 2 spares).
+const MEMBERSHIP_SEEDS: u64 = 300;
 /// Seeds run on redb over crashing disks (slower: a real redb commit per ready round).
 const REDB_SEEDS: u64 = 150;
 
@@ -17,11 +19,17 @@ fn seeds(base: u64, count: u64) -> Vec<u64> {
     }
 }
 
-fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimReport> {
+fn run_many(
+    nodes: usize,
+    spares: usize,
+    base: u64,
+    store: StoreKind,
+    count: u64,
+) -> Vec<SimReport> {
     let started = Instant::now();
     let mut reports = Vec::new();
     for seed in seeds(base, count) {
-        let config = SimConfig { store, ..SimConfig::new(seed, nodes) };
+        let config = SimConfig { store, spares, ..SimConfig::new(seed, nodes) };
         // A panic inside raft-rs (a broken invariant) must name its seed too.
         match std::panic::catch_unwind(|| sim::run(&config)) {
             Ok(Ok(report)) => reports.push(report),
@@ -32,8 +40,8 @@ fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimRep
     let total = |f: fn(&SimReport) -> usize| reports.iter().map(f).sum::<usize>();
     let max_heal = reports.iter().map(|r| r.heal_commit_ticks).max().unwrap_or(0);
     println!(
-        "{nodes} members on {store:?}: {} seeds in {:?}: {} ops checked, {} acked writes, {} reads, {} unknown, \
-         {} crashes, {} partitions, {} transfers, {} snapshots installed, heal->commit max {max_heal} ticks",
+        "{nodes}+{spares} members on {store:?}: {} seeds in {:?}: {} ops checked, {} acked writes, {} reads, {} unknown, \
+         {} crashes, {} partitions, {} transfers, {} membership swaps ({} joins, {} removals), {} snapshots installed, heal->commit max {max_heal} ticks",
         reports.len(),
         started.elapsed(),
         total(|r| r.operations),
@@ -43,6 +51,9 @@ fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimRep
         total(|r| r.crashes),
         total(|r| r.partitions),
         total(|r| r.transfers),
+        total(|r| r.membership_changes),
+        total(|r| r.joins),
+        total(|r| r.removals),
         total(|r| r.snapshots_installed),
     );
     reports
@@ -50,7 +61,7 @@ fn run_many(nodes: usize, base: u64, store: StoreKind, count: u64) -> Vec<SimRep
 
 #[test]
 fn three_members_stay_linearizable_under_faults() {
-    let reports = run_many(3, 0, StoreKind::Memory, SEEDS);
+    let reports = run_many(3, 0, 0, StoreKind::Memory, SEEDS);
     if std::env::var("KEEL_SEED").is_err() {
         // The faults must actually have happened and the clients must have done work.
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 100);
@@ -62,7 +73,7 @@ fn three_members_stay_linearizable_under_faults() {
 
 #[test]
 fn five_members_stay_linearizable_under_faults() {
-    let reports = run_many(5, 1_000_000, StoreKind::Memory, SEEDS);
+    let reports = run_many(5, 0, 1_000_000, StoreKind::Memory, SEEDS);
     if std::env::var("KEEL_SEED").is_err() {
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 100);
         assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 1_000);
@@ -71,10 +82,20 @@ fn five_members_stay_linearizable_under_faults() {
 
 #[test]
 fn redb_members_on_crashing_disks_stay_linearizable() {
-    let reports = run_many(3, 2_000_000, StoreKind::Redb, REDB_SEEDS);
+    let reports = run_many(3, 0, 2_000_000, StoreKind::Redb, REDB_SEEDS);
     if std::env::var("KEEL_SEED").is_err() {
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 10);
         assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 100);
+    }
+}
+
+#[test]
+fn membership_swaps_by_joint_consensus_stay_linearizable() {
+    let reports = run_many(3, 2, 3_000_000, StoreKind::Memory, MEMBERSHIP_SEEDS);
+    if std::env::var("KEEL_SEED").is_err() {
+        assert!(reports.iter().map(|r| r.joins).sum::<usize>() > 100, "spares joined");
+        assert!(reports.iter().map(|r| r.removals).sum::<usize>() > 100, "members left");
+        assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 1_000);
     }
 }
 
