@@ -1,22 +1,22 @@
 //! The event-log bench binary: measures the floor F (200-byte append + fdatasync on a
 //! preallocated file) and, in the same run and directory, the log's single-writer and
-//! 64-writer durable appends, device bytes per commit/event (from /proc/self/io), recovery of a
-//! 1,000,000-event log with snapshots against a full replay, and (with `--features nats-peer`)
-//! the same workload on a local nats-server with JetStream file storage (R1).
+//! 64-writer durable appends and device bytes per commit/event (from /proc/self/io and the
+//! block device's counters), and (with `--features nats-peer`) the same workload on a local
+//! nats-server with JetStream file storage (R1). Recovery is measured by the snapshotter's
+//! `recovery-bench` example.
 //!
 //! `cargo run --release -p event-log --features nats-peer --example event-log-bench -- \
 //!     --dir /tmp/keel-bench --json target/event-log-bench.json`
 //!
 //! Prints a markdown table and writes the figures as JSON.
 
-use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use event_log::{AppendRequest, Event, EventLog, Options};
+use event_log::{AppendRequest, EventLog, Options};
 use serde_json::{Value, json};
 
 /// Bytes of one floor append.
@@ -31,7 +31,6 @@ struct Args {
     json: PathBuf,
     single_events: usize,
     per_writer_events: usize,
-    recovery_events: u64,
     nats: bool,
 }
 
@@ -41,7 +40,6 @@ fn parse_args() -> Args {
         json: PathBuf::from("event-log-bench.json"),
         single_events: 5_000,
         per_writer_events: 500,
-        recovery_events: 1_000_000,
         nats: true,
     };
     let mut it = std::env::args().skip(1);
@@ -52,7 +50,6 @@ fn parse_args() -> Args {
             "--json" => args.json = value().into(),
             "--single-events" => args.single_events = value().parse().expect("number"),
             "--per-writer-events" => args.per_writer_events = value().parse().expect("number"),
-            "--recovery-events" => args.recovery_events = value().parse().expect("number"),
             "--no-nats" => args.nats = false,
             other => panic!("unknown flag {other}"),
         }
@@ -305,109 +302,6 @@ fn in_flight(dir: &Path, total: usize) -> Run {
     }
 }
 
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct ArmCounts {
-    per_stream: BTreeMap<String, u64>,
-    payload_bytes: u64,
-    last_position: u64,
-}
-
-impl ArmCounts {
-    fn apply(&mut self, event: &Event) {
-        *self.per_stream.entry(event.stream.clone()).or_default() += 1;
-        self.payload_bytes += event.payload.len() as u64;
-        self.last_position = event.position;
-    }
-}
-
-/// Builds a log of `n` events (150 streams), with a state snapshot every 10,000 events written
-/// next to it (postcard, header + payload, fsynced), then measures reopen-to-recovered with the
-/// newest snapshot against a full replay from position 1.
-fn recovery(dir: &Path, n: u64) -> Value {
-    const SNAPSHOT_EVERY_EVENTS: u64 = 10_000;
-    let log_dir = dir.join("recovery");
-    let build_started = Instant::now();
-    let log = EventLog::open(&log_dir, Options::default()).unwrap();
-    let mut state = ArmCounts::default();
-    let mut snapshot: Option<(u64, Vec<u8>)> = None;
-    let mut next = 1u64;
-    while next <= n {
-        let batch: Vec<AppendRequest> = (next..(next + 1000).min(n + 1))
-            .map(|i| request(i, &format!("arm-{}", i % 150)))
-            .collect();
-        let count = batch.len() as u64;
-        log.append_batch(batch).unwrap();
-        for e in log.read_range(next, count as usize).unwrap() {
-            state.apply(&e);
-        }
-        next += count;
-        if (next - 1).is_multiple_of(SNAPSHOT_EVERY_EVENTS) {
-            snapshot = Some((next - 1, postcard_like(&state)));
-        }
-    }
-    log.close().unwrap();
-    drop(log);
-    let (snapshot_position, snapshot_bytes) = snapshot.expect("a snapshot");
-    let snapshot_path = dir.join("recovery.snapshot");
-    std::fs::write(&snapshot_path, &snapshot_bytes).unwrap();
-    let build_s = build_started.elapsed().as_secs_f64();
-
-    // Snapshot + tail.
-    let started = Instant::now();
-    let log = EventLog::open(&log_dir, Options::default()).unwrap();
-    let bytes = std::fs::read(&snapshot_path).unwrap();
-    let mut recovered: ArmCounts = serde_json::from_slice(&bytes).unwrap();
-    let mut from = snapshot_position + 1;
-    let mut tail_events = 0u64;
-    loop {
-        let events = log.read_range(from, 4096).unwrap();
-        let Some(last) = events.last() else { break };
-        from = last.position + 1;
-        tail_events += events.len() as u64;
-        events.iter().for_each(|e| recovered.apply(e));
-    }
-    let with_snapshot = started.elapsed();
-    assert_eq!(recovered.last_position, n);
-    drop(log);
-
-    // Full replay from position 1.
-    let started = Instant::now();
-    let log = EventLog::open(&log_dir, Options::default()).unwrap();
-    let open_only = started.elapsed();
-    let mut full = ArmCounts::default();
-    let mut from = 1;
-    loop {
-        let events = log.read_range(from, 4096).unwrap();
-        let Some(last) = events.last() else { break };
-        from = last.position + 1;
-        events.iter().for_each(|e| full.apply(e));
-    }
-    let full_replay = started.elapsed();
-    assert_eq!(full.per_stream, recovered.per_stream);
-    json!({
-        "events": n,
-        "build_s": build_s,
-        "snapshot_position": snapshot_position,
-        "tail_events": tail_events,
-        "open_only_ms": open_only.as_secs_f64() * 1e3,
-        "open_to_recovered_with_snapshot_ms": with_snapshot.as_secs_f64() * 1e3,
-        "full_replay_ms": full_replay.as_secs_f64() * 1e3,
-        "full_replay_events_per_s": n as f64 / full_replay.as_secs_f64(),
-        "speedup": full_replay.as_secs_f64() / with_snapshot.as_secs_f64(),
-        "log_bytes": dir_bytes(&log_dir),
-    })
-}
-
-/// The bench keeps its state snapshot as JSON (the snapshotter crate depends on this one, so
-/// it cannot be used here; its own criterion bench covers the real codec).
-fn postcard_like(state: &ArmCounts) -> Vec<u8> {
-    serde_json::to_vec(state).unwrap()
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()
-}
-
 #[cfg(feature = "nats-peer")]
 mod nats {
     //! The peer: the same workload published to JetStream (file storage, R1) on a local
@@ -547,7 +441,6 @@ fn main() {
     let many = concurrent(&args.dir, args.per_writer_events);
     let flight = in_flight(&args.dir, WRITERS * args.per_writer_events);
     let f_again = floor(&args.dir, args.single_events);
-    let recovery = recovery(&args.dir, args.recovery_events);
     #[cfg(feature = "nats-peer")]
     let peer = if args.nats {
         nats::bench(&args.dir.join("nats"), args.single_events, args.per_writer_events)
@@ -587,8 +480,6 @@ fn main() {
             j["events_per_s"].as_f64().unwrap() / fj["commits_per_s"].as_f64().unwrap(),
         );
     }
-    println!();
-    println!("recovery: {}", serde_json::to_string_pretty(&recovery).unwrap());
     let out = json!({
         "floor": fj,
         "floor_again": f_again.json(),
@@ -596,7 +487,6 @@ fn main() {
         "concurrent_writers": many.json(),
         "in_flight": flight.json(),
         "writers": WRITERS,
-        "recovery": recovery,
         "nats_peer": peer.as_ref().map(|(a, b)| json!({"single": a.json(), "concurrent": b.json()})),
         "ratios": {
             "single_p50_over_f_p50": ratio(&single, "p50_us"),

@@ -925,8 +925,17 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         index::write_batch(&db, &entries, &checkpoint, true, None, None)?;
     }
     let mut streams = HashMap::new();
+    let max_id_key;
     {
         let txn = db.begin_read().map_err(index("begin read"))?;
+        let ids = txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?;
+        let last = ids.last().map_err(index("last id"))?.map(|(k, _)| k.value());
+        // Pruned ids are gone from the table, so also count what the tail scan saw.
+        max_id_key = last
+            .into_iter()
+            .chain(entries.iter().map(|e| index::id_key(&e.event_id)))
+            .max()
+            .unwrap_or(0);
         let table = txn.open_table(index::STREAMS).map_err(index("open streams"))?;
         for item in table.iter().map_err(index("list streams"))? {
             let (k, v) = item.map_err(index("read stream"))?;
@@ -959,6 +968,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
             streams,
             checkpoint,
             sealed_bytes: log_bytes - if segments.is_empty() { 0 } else { cut_offset },
+            max_id_key,
         },
         segments,
     })

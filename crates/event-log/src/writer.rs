@@ -47,6 +47,8 @@ pub(crate) struct WriterInit {
     pub streams: HashMap<String, u64>,
     pub checkpoint: Checkpoint,
     pub sealed_bytes: u64,
+    /// The largest event id key in the log (an id above it cannot be a duplicate).
+    pub max_id_key: u128,
 }
 
 #[derive(Debug)]
@@ -99,6 +101,8 @@ pub(crate) struct Writer {
     /// Ids written but not yet in redb, and the same in position order for pruning.
     recent_ids: HashMap<[u8; 16], Appended>,
     recent_order: VecDeque<([u8; 16], u64)>,
+    /// Largest id key written so far: time-ordered (UUIDv7) ids above it skip the index read.
+    max_id_key: u128,
     /// The dedup table, read once per group.
     id_table: Option<redb::ReadOnlyTable<u128, u64>>,
     index_tx: Option<SyncSender<IndexJob>>,
@@ -173,6 +177,7 @@ impl Writer {
             streams: init.streams,
             recent_ids: HashMap::new(),
             recent_order: VecDeque::new(),
+            max_id_key: init.max_id_key,
             id_table: None,
             index_tx: Some(index_tx),
             index_thread,
@@ -341,6 +346,9 @@ impl Writer {
         if let Some(found) = self.recent_ids.get(id) {
             return Ok(Some(*found));
         }
+        if index::id_key(id) > self.max_id_key {
+            return Ok(None);
+        }
         if self.id_table.is_none() {
             let txn = self.shared.db.begin_read().map_err(index("begin read"))?;
             self.id_table =
@@ -409,6 +417,7 @@ impl Writer {
         self.streams.insert(request.stream.clone(), version);
         self.recent_ids.insert(request.event_id, appended);
         self.recent_order.push_back((request.event_id, position));
+        self.max_id_key = self.max_id_key.max(index::id_key(&request.event_id));
         self.unsynced.push(IndexEntry {
             position,
             stream: request.stream.clone(),
