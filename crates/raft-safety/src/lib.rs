@@ -10,6 +10,52 @@
 //! - [`RaftHandle`] / [`spawn`]: the async driver on tokio with a real clock: proposals and
 //!   linearizable reads as futures, membership changes, leadership transfer, status.
 //! - [`sim`] and [`linearizability`]: the deterministic simulation and the checker it uses.
+//!
+//! How a service drives it (one member of `--peers 1=...,2=...,3=...`):
+//!
+//! ```no_run
+//! # async fn member() -> anyhow::Result<()> {
+//! use std::collections::HashMap;
+//! use std::net::SocketAddr;
+//! use raft_safety::transport::tcp::serve;
+//! use raft_safety::{EStop, EStopCommand, EStopQuery, EStopResponse, Node, NodeConfig};
+//! use raft_safety::{RedbStore, TcpTransport, inbound_channel, spawn};
+//!
+//! let id = 1;
+//! let peers: HashMap<u64, SocketAddr> = HashMap::from([
+//!     (1, "127.0.0.1:7101".parse()?),
+//!     (2, "127.0.0.1:7102".parse()?),
+//!     (3, "127.0.0.1:7103".parse()?),
+//! ]);
+//! // Construct: a redb file in the data dir, the e-stop state machine, the peers' addresses.
+//! let store = RedbStore::open("/var/lib/keel/safety/raft.redb")?;
+//! let node = Node::new(NodeConfig::new(id, vec![1, 2, 3]), store, EStop::new())?;
+//! let (inbound_tx, inbound_rx) = inbound_channel();
+//! let listener = tokio::net::TcpListener::bind(peers[&id]).await?;
+//! tokio::spawn(serve(listener, inbound_tx));
+//! let transport = TcpTransport::new(peers.iter().filter(|(p, _)| **p != id).map(|(p, a)| (*p, *a)));
+//! // Run: the ready loop on its own task.
+//! let (raft, _task) = spawn(node, transport, inbound_rx);
+//!
+//! // Propose: resolves once committed and applied (or NoQuorum / Timeout / LeadershipLost).
+//! let engage = EStopCommand::Engage {
+//!     request_id: "req-42".into(),
+//!     reason: "person in cell".into(),
+//!     source: "panel-3".into(),
+//!     who: "alice".into(),
+//!     at_ms: 1_700_000_000_000,
+//! };
+//! let applied = raft.propose(engage.encode()).await?;
+//! let answer = EStopResponse::decode(&applied.response)?;
+//! assert!(answer.engaged);
+//!
+//! // Read: linearizable (ReadIndex), or local with `read_local`.
+//! let state = EStop::decode_state(&raft.read(EStopQuery::State.encode()).await?)?;
+//! // Status for `GET /cluster` and for the leader-only heartbeat.
+//! let status = raft.status();
+//! println!("{} engaged={} leader={:?} term={}", status.id, state.engaged, status.leader, status.term);
+//! # Ok(()) }
+//! ```
 
 pub mod config;
 pub mod driver;

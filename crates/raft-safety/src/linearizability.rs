@@ -235,6 +235,99 @@ mod tests {
         assert!(bad(&[unknown(1, Engage(1)), op(2, 3, Read(Some(1))), op(4, 5, Read(None)),]));
     }
 
+    /// The definition, by brute force: some subset of the unknown operations plus every
+    /// completed one, in some order that respects real time, replays on the model.
+    fn linearizable_by_brute_force(history: &[Operation]) -> bool {
+        fn permute(
+            ops: &[Operation],
+            used: &mut Vec<bool>,
+            order: &mut Vec<usize>,
+            state: Option<u32>,
+        ) -> bool {
+            if order.len() == ops.len() {
+                return true;
+            }
+            for i in 0..ops.len() {
+                if used[i] {
+                    continue;
+                }
+                // Everything that returned before `i` was called must already be placed.
+                let respects_time = (0..ops.len())
+                    .all(|j| used[j] || j == i || ops[j].ret.is_none_or(|r| r > ops[i].call));
+                if !respects_time {
+                    continue;
+                }
+                let Some(next) = step(state, ops[i].kind) else {
+                    continue;
+                };
+                used[i] = true;
+                order.push(i);
+                if permute(ops, used, order, next) {
+                    return true;
+                }
+                order.pop();
+                used[i] = false;
+            }
+            false
+        }
+        let unknown: Vec<usize> =
+            (0..history.len()).filter(|&i| history[i].ret.is_none()).collect();
+        (0..1u32 << unknown.len()).any(|mask| {
+            let ops: Vec<Operation> = (0..history.len())
+                .filter(|i| {
+                    unknown.iter().position(|u| u == i).is_none_or(|bit| mask & (1 << bit) != 0)
+                })
+                .map(|i| history[i])
+                .collect();
+            permute(&ops, &mut vec![false; ops.len()], &mut Vec::new(), None)
+        })
+    }
+
+    #[test]
+    fn agrees_with_brute_force_on_random_small_histories() {
+        let mut rng = 0x5eed_u64;
+        let mut next = |n: u64| crate::node::splitmix64(&mut rng) % n;
+        let (mut good, mut bad_count) = (0, 0);
+        for _ in 0..3_000 {
+            let len = 1 + next(6) as usize;
+            let mut times: Vec<u64> = (0..2 * len as u64).collect();
+            // Shuffle the time points, then pair them up as (call, ret).
+            for i in (1..times.len()).rev() {
+                times.swap(i, next(i as u64 + 1) as usize);
+            }
+            let history: Vec<Operation> = (0..len)
+                .map(|i| {
+                    let (a, b) = (times[2 * i], times[2 * i + 1]);
+                    let kind = match next(3) {
+                        0 => Engage(next(3) as u32),
+                        1 => Clear,
+                        _ => Read(match next(3) {
+                            0 => None,
+                            v => Some(v as u32),
+                        }),
+                    };
+                    let unknown = !matches!(kind, Read(_)) && next(4) == 0;
+                    Operation {
+                        client: i as u32,
+                        call: a.min(b),
+                        ret: (!unknown).then_some(a.max(b)),
+                        kind,
+                    }
+                })
+                .collect();
+            let expected = linearizable_by_brute_force(&history);
+            let verdict = check(&history);
+            assert_eq!(
+                verdict == Verdict::Linearizable,
+                expected,
+                "checker and brute force disagree on\n{}",
+                render(&history)
+            );
+            if expected { good += 1 } else { bad_count += 1 }
+        }
+        assert!(good > 300 && bad_count > 300, "both kinds were generated: {good} / {bad_count}");
+    }
+
     #[test]
     fn larger_history_with_many_clients_checks_quickly() {
         // Four clients, 200 overlapping operations, consistent by construction.

@@ -306,7 +306,7 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
         let logger = crate::logging::raft_logger(config.id);
         let (applied_index, applied_term) = (meta.index, meta.term);
         let raw = RawNode::new(&raft_config, store, &logger)?;
-        Ok(Self {
+        let mut node = Self {
             raw,
             sm,
             config,
@@ -325,11 +325,9 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
             election_rng: 0,
             election_key: (0, StateRole::Follower, 0),
             election_timeout_ticks: 0,
-        })
-        .map(|mut node| {
-            node.set_election_seed(node.config.id ^ (node.boot << 32));
-            node
-        })
+        };
+        node.set_election_seed(node.config.id ^ (node.boot << 32));
+        Ok(node)
     }
 
     /// Seeds the draw of randomised election timeouts (in `[election_ticks, 2 *
