@@ -42,7 +42,8 @@ impl WriteBatch<'_> {
 /// The conf state reported by `initial_state` is the one of the latest snapshot (or of the
 /// bootstrap); membership changes after it are re-applied from the log on restart.
 pub trait LogStore: raft::Storage {
-    /// Durably writes a ready round (one fsync for the whole batch).
+    /// Durably writes a ready round (one fsync for the whole batch; an empty batch may write
+    /// nothing).
     fn write(&mut self, batch: WriteBatch<'_>) -> Result<(), StoreError>;
 
     /// Records a commit index learnt after the ready round. It need not be durable by itself

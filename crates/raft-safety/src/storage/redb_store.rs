@@ -31,8 +31,6 @@ pub struct RedbStore {
     snapshot: Snapshot,
     entries: VecDeque<Entry>,
     boot: u64,
-    /// The mirror's hard state is newer than the file's (a commit index from `set_commit`).
-    hard_state_dirty: bool,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -103,7 +101,7 @@ impl RedbStore {
         drop(table);
         drop(meta);
         drop(txn);
-        Ok(Self { db, hard_state, snapshot, entries, boot, hard_state_dirty: false })
+        Ok(Self { db, hard_state, snapshot, entries, boot })
     }
 
     fn snapshot_index(&self) -> u64 {
@@ -190,7 +188,8 @@ impl Storage for RedbStore {
 
 impl LogStore for RedbStore {
     fn write(&mut self, batch: WriteBatch<'_>) -> Result<(), StoreError> {
-        if batch.is_empty() && !self.hard_state_dirty {
+        // A commit index alone is not worth an fsync: it rides along with the next write.
+        if batch.is_empty() {
             return Ok(());
         }
         // Check everything before writing anything.
@@ -259,7 +258,6 @@ impl LogStore for RedbStore {
             self.entries.extend(batch.entries.iter().cloned());
         }
         self.hard_state = hard_state;
-        self.hard_state_dirty = false;
         debug_assert_eq!(self.last(), batch.entries.last().map_or(last, |e| e.index));
         Ok(())
     }
@@ -267,7 +265,6 @@ impl LogStore for RedbStore {
     fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
         if commit > self.hard_state.commit {
             self.hard_state.commit = commit;
-            self.hard_state_dirty = true;
         }
         Ok(())
     }
@@ -295,7 +292,6 @@ impl LogStore for RedbStore {
         self.entries.drain(..drop_count);
         self.snapshot = snapshot;
         self.hard_state = hard_state;
-        self.hard_state_dirty = false;
         Ok(())
     }
 

@@ -332,6 +332,55 @@ mod tests {
         assert!(read_frame(&mut huge.as_slice()).await.is_err());
     }
 
+    /// A connector that counts its dials: the seam a TLS connector plugs into.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicU64);
+
+    impl Connector for Arc<Counting> {
+        type Stream = TcpStream;
+        async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            PlainTcp.connect(addr).await
+        }
+    }
+
+    /// Sends heartbeats (as raft would keep doing) until one arrives or the deadline passes.
+    async fn deliver(
+        transport: &TcpTransport<Arc<Counting>>,
+        inbound: &mut mpsc::Receiver<Message>,
+        term: u64,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            transport.send(Message { to: 2, from: 1, term, ..Message::default() });
+            match tokio::time::timeout(Duration::from_millis(20), inbound.recv()).await {
+                Ok(Some(message)) if message.term == term => return,
+                _ => assert!(tokio::time::Instant::now() < deadline, "term {term} never arrived"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_transport_reconnects_after_the_peer_restarts() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut inbound) = mpsc::channel(1024);
+        let server = tokio::spawn(serve(listener, tx.clone()));
+        let connector = Arc::new(Counting::default());
+        let transport = TcpTransport::with_connector(Arc::clone(&connector), [(2, addr)]);
+        deliver(&transport, &mut inbound, 1).await;
+        assert_eq!(connector.0.load(Ordering::Relaxed), 1, "one connection per peer");
+
+        // The peer goes away (listener and connections), then comes back on the same address.
+        server.abort();
+        let _ = server.await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(serve(listener, tx));
+        deliver(&transport, &mut inbound, 2).await;
+        assert!(connector.0.load(Ordering::Relaxed) >= 2, "it dialled again");
+        server.abort();
+    }
+
     #[tokio::test]
     async fn an_unreachable_peer_drops_messages_instead_of_blocking() {
         // A port nobody listens on: bind, learn the port, close.
