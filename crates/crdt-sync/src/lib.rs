@@ -92,6 +92,7 @@ mod register;
 mod replica;
 mod set;
 mod snapshot;
+pub mod sync;
 
 pub use batch::{BATCH_BYTES_MAX, BATCH_CHANGES_MAX, ChangeBatch};
 pub use counter::CounterValue;

@@ -1,4 +1,5 @@
 //! Integration tests of crdt-sync: one binary, one module per concern.
 
 mod convergence;
+mod nats;
 mod sim;

@@ -1,0 +1,517 @@
+//! NATS transport for a `Replica`: coalesced change batches on JetStream, anti-entropy on core NATS, ticks.
+//!
+//! - Local changes are queued by [`SyncedReplica::update`] after they are
+//!   durable, coalesced per document for at most the flush interval
+//!   (default [`FLUSH_INTERVAL_MS_DEFAULT`]) and published on JetStream
+//!   stream [`STREAM_NAME`], subject `edge.crdt.{doc}.changes.{node}`, with
+//!   the origin time in header [`ORIGIN_HEADER`].
+//! - Every replica follows the stream with an ordered push consumer that
+//!   starts at new messages (anti-entropy covers what came before), applies
+//!   what peers publish (idempotent) and records the replication lag.
+//! - Anti-entropy: automerge sync messages on core NATS,
+//!   `edge.crdt.{doc}.sync.{from}.{to}`. A round (reset the per-peer sync
+//!   state, send the first message of every document to every member) runs
+//!   on start, every anti-entropy interval, and when the service calls
+//!   [`SyncedReplica::reconnected`]. Replies flow until both sides are done.
+//! - Ticks ([`crate::Replica::tick`]: acks, folding, tombstone expiry) run
+//!   every tick interval and are published like local changes.
+//!
+//! The broker is transport, not truth: a batch that could not be queued or
+//! published is counted and left to anti-entropy.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::batch::ChangeBatch;
+use crate::doc_id::DocId;
+use crate::error::Error;
+use crate::oplog::OpLog;
+use crate::replica::{Replica, Update};
+
+/// JetStream stream carrying change batches.
+pub const STREAM_NAME: &str = "EDGE_CRDT";
+/// Subjects of the stream.
+pub const STREAM_SUBJECTS: &str = "edge.crdt.*.changes.*";
+/// Header with the origin time of a batch (ms since the Unix epoch, of its
+/// oldest change).
+pub const ORIGIN_HEADER: &str = "Keel-Origin-Ms";
+/// Default longest wait before queued changes are published.
+pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 2;
+/// Default period of anti-entropy rounds.
+pub const ANTI_ENTROPY_INTERVAL_MS_DEFAULT: u64 = 5_000;
+/// Default period of [`crate::Replica::tick`].
+pub const TICK_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Default age after which the stream drops batches (anti-entropy covers
+/// older gaps).
+pub const STREAM_MAX_AGE_MS_DEFAULT: u64 = 60 * 60 * 1000;
+/// Batches waiting for the publisher; beyond it, batches are dropped (and
+/// counted) and anti-entropy delivers them.
+pub const OUTBOX_CAPACITY: usize = 4_096;
+/// Largest published message; a coalesced batch above it is split.
+pub const PUBLISH_BYTES_MAX: usize = 512 * 1024;
+/// Replication lag samples kept for percentiles.
+pub const LAG_SAMPLES_MAX: usize = 10_000;
+
+/// How a [`SyncedReplica`] talks to NATS.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Longest wait before queued changes are published.
+    pub flush_interval_ms: u64,
+    /// Period of anti-entropy rounds.
+    pub anti_entropy_interval_ms: u64,
+    /// Period of ticks (acks, folding).
+    pub tick_interval_ms: u64,
+    /// Age limit of the stream's messages.
+    pub stream_max_age_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            flush_interval_ms: FLUSH_INTERVAL_MS_DEFAULT,
+            anti_entropy_interval_ms: ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
+            tick_interval_ms: TICK_INTERVAL_MS_DEFAULT,
+            stream_max_age_ms: STREAM_MAX_AGE_MS_DEFAULT,
+        }
+    }
+}
+
+/// Why the sync layer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The stream could not be created or opened.
+    #[error("cannot open JetStream stream {STREAM_NAME}: {0}")]
+    Stream(String),
+    /// The change consumer could not be created.
+    #[error("cannot follow stream {STREAM_NAME}: {0}")]
+    Consumer(String),
+    /// A core NATS subscription failed.
+    #[error("cannot subscribe to {subject}: {reason}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Counters of the sync layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncMetrics {
+    /// Batches published.
+    pub batches_published: u64,
+    /// Batches that failed to publish or did not fit the outbox.
+    pub batches_dropped: u64,
+    /// Peer batches applied (including duplicates).
+    pub batches_received: u64,
+    /// Peer batches or sync messages refused as malformed.
+    pub messages_rejected: u64,
+    /// Sync messages sent.
+    pub sync_sent: u64,
+    /// Sync messages received.
+    pub sync_received: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches_published: AtomicU64,
+    batches_dropped: AtomicU64,
+    batches_received: AtomicU64,
+    messages_rejected: AtomicU64,
+    sync_sent: AtomicU64,
+    sync_received: AtomicU64,
+}
+
+struct Shared<L: OpLog> {
+    replica: Mutex<Replica<L>>,
+    node_id: String,
+    outbox: mpsc::Sender<Outgoing>,
+    counters: Counters,
+    lag_ms: Mutex<VecDeque<u64>>,
+    round: Notify,
+}
+
+struct Outgoing {
+    doc: DocId,
+    changes: ChangeBatch,
+    origin_ms: u64,
+}
+
+/// A [`Replica`] connected to its peers over NATS. Cloning gives another
+/// handle to the same replica.
+pub struct SyncedReplica<L: OpLog> {
+    shared: Arc<Shared<L>>,
+    tasks: Arc<Vec<JoinHandle<()>>>,
+}
+
+impl<L: OpLog> Clone for SyncedReplica<L> {
+    fn clone(&self) -> Self {
+        SyncedReplica { shared: self.shared.clone(), tasks: self.tasks.clone() }
+    }
+}
+
+impl<L: OpLog> std::fmt::Debug for SyncedReplica<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncedReplica")
+            .field("node_id", &self.shared.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn changes_subject(doc: &DocId, node: &str) -> String {
+    format!("edge.crdt.{doc}.changes.{node}")
+}
+
+fn sync_subject(doc: &DocId, from: &str, to: &str) -> String {
+    format!("edge.crdt.{doc}.sync.{from}.{to}")
+}
+
+/// `(doc, kind, node tokens after the kind)` of an `edge.crdt.` subject.
+fn parse_subject(subject: &str) -> Option<(DocId, &str, Vec<&str>)> {
+    let mut tokens = subject.split('.');
+    if tokens.next()? != "edge" || tokens.next()? != "crdt" {
+        return None;
+    }
+    let doc = tokens.next()?.parse().ok()?;
+    let kind = tokens.next()?;
+    Some((doc, kind, tokens.collect()))
+}
+
+impl<L: OpLog + Send + 'static> SyncedReplica<L> {
+    /// Connects `replica` to its peers through `client`: creates (or opens)
+    /// the stream, follows it, answers anti-entropy, and starts the
+    /// publisher, the ticks and a first anti-entropy round.
+    pub async fn start(
+        client: async_nats::Client,
+        replica: Replica<L>,
+        config: SyncConfig,
+    ) -> Result<SyncedReplica<L>, SyncError> {
+        let node_id = replica.node_id().to_owned();
+        let context = jetstream::new(client.clone());
+        let stream = context
+            .get_or_create_stream(stream::Config {
+                name: STREAM_NAME.to_owned(),
+                subjects: vec![STREAM_SUBJECTS.to_owned()],
+                max_age: Duration::from_millis(config.stream_max_age_ms),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SyncError::Stream(e.to_string()))?;
+        let changes = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: STREAM_SUBJECTS.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SyncError::Consumer(e.to_string()))?
+            .messages()
+            .await
+            .map_err(|e| SyncError::Consumer(e.to_string()))?;
+        let sync_filter = format!("edge.crdt.*.sync.*.{node_id}");
+        let sync_messages = client
+            .subscribe(sync_filter.clone())
+            .await
+            .map_err(|e| SyncError::Subscribe { subject: sync_filter, reason: e.to_string() })?;
+
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let shared = Arc::new(Shared {
+            replica: Mutex::new(replica),
+            node_id,
+            outbox,
+            counters: Counters::default(),
+            lag_ms: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
+            round: Notify::new(),
+        });
+        let tasks = vec![
+            tokio::spawn(publish_loop(
+                shared.clone(),
+                context,
+                outbox_rx,
+                Duration::from_millis(config.flush_interval_ms),
+            )),
+            tokio::spawn(follow_changes(shared.clone(), changes)),
+            tokio::spawn(answer_sync(shared.clone(), client.clone(), sync_messages)),
+            tokio::spawn(periodic(shared.clone(), client, config)),
+        ];
+        shared.round.notify_one();
+        Ok(SyncedReplica { shared, tasks: Arc::new(tasks) })
+    }
+}
+
+impl<L: OpLog> SyncedReplica<L> {
+    /// Runs a local operation on `doc` with the current time and queues
+    /// its changes for publishing. When it returns `Ok`, the operation is
+    /// durable. `operation` must touch only `doc`.
+    pub fn update<T>(
+        &self,
+        doc: &DocId,
+        operation: impl FnOnce(&mut Replica<L>, u64) -> Result<Update<T>, Error>,
+    ) -> Result<Update<T>, Error> {
+        let now = now_ms();
+        let mut replica = self.lock();
+        let update = operation(&mut replica, now)?;
+        if let Some(changes) = &update.changes {
+            // Queued under the lock, so batches leave in commit order.
+            enqueue(&self.shared, doc.clone(), changes.clone(), now);
+        }
+        drop(replica);
+        Ok(update)
+    }
+
+    /// Reads the replica.
+    pub fn read<T>(&self, read: impl FnOnce(&Replica<L>) -> T) -> T {
+        read(&self.lock())
+    }
+
+    /// Call when the NATS connection came back: runs an anti-entropy round.
+    pub fn reconnected(&self) {
+        self.shared.round.notify_one();
+    }
+
+    /// Replication lag samples (ms from a batch's origin to its apply
+    /// here), oldest first, at most [`LAG_SAMPLES_MAX`].
+    pub fn lag_samples_ms(&self) -> Vec<u64> {
+        self.shared.lag_ms.lock().map(|lag| lag.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Counters of the sync layer.
+    pub fn metrics(&self) -> SyncMetrics {
+        let c = &self.shared.counters;
+        SyncMetrics {
+            batches_published: c.batches_published.load(Ordering::Relaxed),
+            batches_dropped: c.batches_dropped.load(Ordering::Relaxed),
+            batches_received: c.batches_received.load(Ordering::Relaxed),
+            messages_rejected: c.messages_rejected.load(Ordering::Relaxed),
+            sync_sent: c.sync_sent.load(Ordering::Relaxed),
+            sync_received: c.sync_received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the background tasks (the replica stays readable through
+    /// other handles).
+    pub fn stop(&self) {
+        for task in self.tasks.iter() {
+            task.abort();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Replica<L>> {
+        lock(&self.shared)
+    }
+}
+
+fn lock<L: OpLog>(shared: &Shared<L>) -> MutexGuard<'_, Replica<L>> {
+    // A panic while holding the lock leaves the replica consistent (every
+    // operation is all-or-nothing), so a poisoned lock is still usable.
+    shared.replica.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn enqueue<L: OpLog>(shared: &Shared<L>, doc: DocId, changes: ChangeBatch, origin_ms: u64) {
+    if shared.outbox.try_send(Outgoing { doc, changes, origin_ms }).is_err() {
+        shared.counters.batches_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn publish_loop<L: OpLog>(
+    shared: Arc<Shared<L>>,
+    context: jetstream::Context,
+    mut outbox: mpsc::Receiver<Outgoing>,
+    flush_interval: Duration,
+) {
+    while let Some(first) = outbox.recv().await {
+        let deadline = tokio::time::Instant::now() + flush_interval;
+        let mut pending: BTreeMap<DocId, Vec<(ChangeBatch, u64)>> = BTreeMap::new();
+        let mut add = |item: Outgoing| {
+            let batches = pending.entry(item.doc).or_default();
+            match batches.last_mut() {
+                Some((batch, _))
+                    if batch.as_bytes().len() + item.changes.as_bytes().len()
+                        <= PUBLISH_BYTES_MAX =>
+                {
+                    batch.extend(&item.changes);
+                }
+                _ => batches.push((item.changes, item.origin_ms)),
+            }
+        };
+        add(first);
+        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, outbox.recv()).await {
+            add(item);
+        }
+        let mut acks = Vec::new();
+        for (doc, batches) in pending {
+            let subject = changes_subject(&doc, &shared.node_id);
+            for (batch, origin_ms) in batches {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(ORIGIN_HEADER, origin_ms.to_string().as_str());
+                match context
+                    .publish_with_headers(subject.clone(), headers, Bytes::from(batch.into_bytes()))
+                    .await
+                {
+                    Ok(ack) => acks.push(ack),
+                    Err(_) => {
+                        shared.counters.batches_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        for ack in acks {
+            let counter = match ack.await {
+                Ok(_) => &shared.counters.batches_published,
+                Err(_) => &shared.counters.batches_dropped,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer::push::Ordered) {
+    while let Some(message) = changes.next().await {
+        let Ok(message) = message else {
+            continue;
+        };
+        let Some((doc, "changes", nodes)) = parse_subject(message.subject.as_str()) else {
+            shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        if nodes.first().copied() == Some(shared.node_id.as_str()) {
+            continue;
+        }
+        let origin_ms = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(ORIGIN_HEADER))
+            .and_then(|value| value.as_str().parse::<u64>().ok());
+        let applied = lock(&shared).apply_changes(&doc, &message.payload);
+        match applied {
+            Ok(_) => {
+                shared.counters.batches_received.fetch_add(1, Ordering::Relaxed);
+                if let Some(origin_ms) = origin_ms {
+                    let lag = now_ms().saturating_sub(origin_ms);
+                    if let Ok(mut samples) = shared.lag_ms.lock() {
+                        if samples.len() == LAG_SAMPLES_MAX {
+                            samples.pop_front();
+                        }
+                        samples.push_back(lag);
+                    }
+                }
+            }
+            Err(_) => {
+                shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn answer_sync<L: OpLog>(
+    shared: Arc<Shared<L>>,
+    client: async_nats::Client,
+    mut messages: async_nats::Subscriber,
+) {
+    while let Some(message) = messages.next().await {
+        let parsed = parse_subject(message.subject.as_str());
+        let Some((doc, "sync", nodes)) = parsed else {
+            continue;
+        };
+        let [from, _to] = nodes[..] else {
+            continue;
+        };
+        let from = from.to_owned();
+        let reply = {
+            let mut replica = lock(&shared);
+            match replica.receive_sync_message(&doc, &from, &message.payload) {
+                Ok(_) => {
+                    shared.counters.sync_received.fetch_add(1, Ordering::Relaxed);
+                    replica.sync_message(&doc, &from)
+                }
+                Err(_) => {
+                    shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            }
+        };
+        if let Some(reply) = reply {
+            send_sync(&shared, &client, &doc, &from, reply).await;
+        }
+    }
+}
+
+async fn send_sync<L: OpLog>(
+    shared: &Shared<L>,
+    client: &async_nats::Client,
+    doc: &DocId,
+    to: &str,
+    message: Vec<u8>,
+) {
+    let subject = sync_subject(doc, &shared.node_id, to);
+    if client.publish(subject, Bytes::from(message)).await.is_ok() {
+        shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn periodic<L: OpLog>(
+    shared: Arc<Shared<L>>,
+    client: async_nats::Client,
+    config: SyncConfig,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(config.tick_interval_ms.max(1)));
+    let mut rounds =
+        tokio::time::interval(Duration::from_millis(config.anti_entropy_interval_ms.max(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let round = tokio::select! {
+            _ = ticks.tick() => false,
+            _ = rounds.tick() => true,
+            () = shared.round.notified() => true,
+        };
+        if round {
+            let messages = {
+                let mut replica = lock(&shared);
+                let peers: Vec<String> = replica
+                    .members()
+                    .iter()
+                    .filter(|member| **member != shared.node_id)
+                    .cloned()
+                    .collect();
+                let mut messages = Vec::new();
+                for peer in &peers {
+                    replica.reset_peer(peer);
+                    for doc in replica.docs() {
+                        if let Some(message) = replica.sync_message(&doc, peer) {
+                            messages.push((doc, peer.clone(), message));
+                        }
+                    }
+                }
+                messages
+            };
+            for (doc, peer, message) in messages {
+                send_sync(&shared, &client, &doc, &peer, message).await;
+            }
+        } else {
+            let now = now_ms();
+            let out = lock(&shared).tick(now);
+            if let Ok(out) = out {
+                for (doc, changes) in out {
+                    enqueue(&shared, doc, changes, now);
+                }
+            }
+        }
+    }
+}
