@@ -103,6 +103,12 @@ for svc in "arm-controller 8081" "counter-service 8082" "edge-cloud-bridge 8084"
     wait_ready "$1" "http://127.0.0.1:$2/readyz"
 done
 
+# The load generator, at a light rate (150 arms, 100 Hz sensors, the case study's plan and
+# cycle rates); its progress line goes to ./var/log/arm-sim.log.
+start arm-sim "$var/log/arm-sim.log" "$bin/arm-sim" --arms 150 --sensor-hz 100 \
+    --plan-hz 0.0167 --cycle-hz 0.0333 --progress-ms 10000 \
+    --controller-url http://127.0.0.1:8081 --nats-url "$NATS_URL"
+
 cat <<TXT
 
 Keel is up (data in ./var/, logs in ./var/log/):
@@ -113,6 +119,7 @@ Keel is up (data in ./var/, logs in ./var/log/):
   counter-service      http://127.0.0.1:8082
   edge-cloud-bridge    http://127.0.0.1:8084   (site-1)
   safety-quorum 1..3   http://127.0.0.1:8091 8092 8093   raft 7101 7102 7103
+  arm-sim              150 arms at 100 Hz (log: ./var/log/arm-sim.log)
 
 Every service answers /healthz, /readyz and /metrics. Ctrl-C stops everything.
 TXT

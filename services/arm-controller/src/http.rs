@@ -7,6 +7,9 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -15,13 +18,25 @@ use wire::json::{PlanAck, PlanUpdate};
 
 use crate::controller::{Controller, EVENTS_LIMIT_DEFAULT};
 
-/// What the handlers share: the controller, once recovered.
-#[derive(Debug, Clone, Default)]
+/// What the handlers share: the controller, once recovered, and the body limit.
+#[derive(Debug, Clone)]
 pub struct AppState {
     controller: Arc<OnceLock<Arc<Controller>>>,
+    body_limit_bytes: usize,
+}
+
+impl Default for AppState {
+    fn default() -> Self {
+        Self::new(service_kit::config::BODY_LIMIT_BYTES_DEFAULT)
+    }
 }
 
 impl AppState {
+    /// Handlers without a controller yet, refusing bodies declared larger than the limit.
+    pub fn new(body_limit_bytes: usize) -> Self {
+        Self { controller: Arc::default(), body_limit_bytes }
+    }
+
     /// Hands the recovered controller to the handlers.
     pub fn set(&self, controller: Arc<Controller>) {
         let _ = self.controller.set(controller);
@@ -43,7 +58,32 @@ pub fn router(state: AppState) -> Router {
         .route("/arms/{arm}/events", get(get_events))
         .route("/arms/{arm}/cycles", post(post_cycle))
         .route("/log/verify", get(verify))
+        .layer(middleware::from_fn_with_state(state.body_limit_bytes, refuse_declared_oversize))
         .with_state(state)
+}
+
+/// Refuses a body whose declared length is over the limit at once, without reading it
+/// (the shared limit layer counts bytes as they arrive, so a large declared body would
+/// otherwise hold the connection until the request time limit).
+async fn refuse_declared_oversize(
+    State(limit): State<usize>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body of {} bytes, at most {limit} accepted", declared.unwrap_or(0)),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn list_arms(State(s): State<AppState>) -> Result<ApiJson<Value>, ApiError> {

@@ -195,6 +195,7 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
     let mut last_rates = Instant::now();
     let mut last_aggregate = Instant::now();
     let mut safety_summary = "";
+    let mut last_stats = ctl.log().stats();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -218,6 +219,17 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
             if let Some(bytes) = process_write_bytes() {
                 metrics::gauge!("keel_process_write_bytes").set(bytes as f64);
             }
+            let stats = ctl.log().stats();
+            let commits = stats.group_commits - last_stats.group_commits;
+            let events = stats.events - last_stats.events;
+            metrics::gauge!("keel_arm_log_group_commits").set(stats.group_commits as f64);
+            metrics::gauge!("keel_arm_log_events").set(stats.events as f64);
+            metrics::gauge!("keel_arm_log_checkpoints").set(stats.checkpoints as f64);
+            if commits > 0 {
+                // Mean events per group commit (one fdatasync) over the last second.
+                metrics::gauge!("keel_arm_log_batch_events").set(events as f64 / commits as f64);
+            }
+            last_stats = stats;
         }
         if let Some(every) = ctl.settings().aggregate_interval
             && now.duration_since(last_aggregate) >= every
@@ -253,7 +265,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let client =
         service_kit::nats::connect(&config.common.nats_url, &config.common.node_id, &readiness)
             .await?;
-    let app_state = AppState::default();
+    let app_state = AppState::new(config.common.body_limit_bytes);
     let app = service_kit::http::with_base(
         router(app_state.clone()),
         readiness.clone(),

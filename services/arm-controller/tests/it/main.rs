@@ -5,4 +5,5 @@ mod lifecycle;
 mod outbox;
 mod plans;
 mod safety;
+mod sim;
 mod support;

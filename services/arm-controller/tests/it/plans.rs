@@ -69,13 +69,26 @@ async fn plans_are_versioned_idempotent_validated_and_listed() {
         ),
         ("invalid JSON", b"{\"id\": \"x\", \"version\": 9, \"joints\": [0,".to_vec(), 400),
         ("not an object", b"[1,2,3]".to_vec(), 400),
-        ("10 MB body", huge.into_bytes(), 413),
     ];
     for (what, body, expected) in cases {
         let (code, err) = put_raw(svc, "arm-001", body).await;
         assert_eq!(code, expected, "{what}: {err}");
         assert!(err["error"].as_str().is_some_and(|c| !c.is_empty()), "{what}: {err}");
         assert!(err["message"].is_string(), "{what}: {err}");
+    }
+    // A 10 MB body: refused by its declared length before it is read (413 JSON)...
+    let (code, err) = declared_length_only(svc, "/arms/arm-001/plan", huge.len()).await;
+    assert_eq!((code, err["error"].as_str()), (413, Some("body_too_large")), "{err}");
+    // ...and when it is actually sent, refused too: a 413, or the connection cut mid-body.
+    let sent = svc
+        .http()
+        .put(svc.url("/arms/arm-001/plan"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await;
+    if let Ok(resp) = sent {
+        assert_eq!(resp.status().as_u16(), 413);
     }
     let (code, err) = stack.put_plan("arm-999", &plan("x", 1, &J)).await;
     assert_eq!((code, err["error"].as_str()), (404, Some("unknown_arm")), "{err}");
@@ -160,4 +173,26 @@ async fn plans_are_versioned_idempotent_validated_and_listed() {
     assert!(support::metric(svc, "keel_arm_commits_total", "plan.updated").await >= 3.0);
     assert!(support::metric(svc, "keel_arm_plan_update_seconds_count", "http").await >= 2.0);
     assert!(support::metric(svc, "keel_arm_recovery_seconds", "").await >= 0.0);
+}
+
+/// Sends only the head of a PUT that declares a `len`-byte JSON body, and reads the answer
+/// (the server must refuse by the declared length without waiting for the body).
+async fn declared_length_only(
+    svc: &testkit::ServiceProcess,
+    path: &str,
+    len: usize,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = svc.base_url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(support::WAIT, stream.read_to_end(&mut response)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
