@@ -248,3 +248,39 @@ fn dedup_window_is_pruned_by_uuid_v7_time() {
     assert_ne!(again.position, a.position);
     let _ = id(0);
 }
+
+#[test]
+fn torn_tail_on_a_real_file_is_cut_and_zeroed() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    for n in 1..=10u64 {
+        log.append(request("s", n, 50)).unwrap();
+    }
+    let segment = log.segment_paths().pop().unwrap();
+    let (_, end) = log.locate(10).unwrap();
+    let end = end + event_log::record::record_len("s", "test", 50) as u64;
+    log.close().unwrap();
+    drop(log);
+    // A clean close leaves the marker; a crash would not have: remove it, then leave a torn
+    // record (a plausible prefix and garbage) after the head.
+    let marker = dir.path().join("clean-shutdown");
+    assert!(marker.exists());
+    std::fs::remove_file(&marker).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).read(true).open(&segment).unwrap();
+    let mut torn = vec![0xAB; 300];
+    torn[..4].copy_from_slice(&200u32.to_le_bytes());
+    file.write_all_at(&torn, end).unwrap();
+    file.write_all_at(&[0xCD; 64], end + 9000).unwrap();
+
+    let log = EventLog::open(dir.path(), Options::default()).unwrap();
+    assert!(!marker.exists(), "open must remove the clean marker");
+    assert_eq!(log.head().position, 10);
+    assert_eq!(log.verify().unwrap().first_bad, None);
+    let mut after = vec![1u8; 10_000];
+    file.read_exact_at(&mut after, end).unwrap();
+    assert!(after.iter().all(|&b| b == 0), "torn bytes were not zeroed");
+    assert_eq!(log.append(request("s", 11, 5)).unwrap().position, 11);
+    log.close().unwrap();
+    assert!(marker.exists());
+}
