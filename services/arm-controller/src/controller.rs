@@ -417,16 +417,19 @@ impl Controller {
         }))
     }
 
-    /// The smallest stream version of `arm` whose event sits at `from` or later (binary
-    /// search over the stream's dense versions: positions grow with versions).
+    /// The smallest stream version of `arm` whose event is stored and sits at `from` or
+    /// later (`from` at or above the compaction floor). Compaction removes a prefix, so
+    /// "stored and at `from` or later" is false then true over the versions: a binary search.
     fn first_version_at(&self, arm: &str, from: u64) -> event_log::Result<u64> {
+        let from = from.max(self.log.head().first_position);
         let (mut lo, mut hi) = (1u64, self.log.stream_version(arm)? + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.log.read_stream(arm, mid, 1)?.first() {
-                Some(e) if e.position >= from => hi = mid,
-                Some(e) => lo = e.stream_version.max(mid) + 1,
-                None => hi = mid,
+                Some(e) if e.stream_version == mid && e.position >= from => hi = mid,
+                Some(e) if e.position < from => lo = e.stream_version + 1,
+                // Compacted (the index may still list it until its next prune).
+                _ => lo = mid + 1,
             }
         }
         Ok(lo)
