@@ -35,7 +35,10 @@ pub const ELECTION_TICKS_MAX: usize = 10_000;
 /// Configuration of one Raft member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// This member's id (non-zero, unique in the group).
+    /// This member's id (non-zero, unique in the group). Never reuse an id with a wiped data
+    /// dir: a member that lost its log must rejoin under a new id (remove the old one, add the
+    /// new one), or it may vote for a stale candidate and lose committed entries. The
+    /// simulation found exactly that when it wiped and reused ids.
     pub id: u64,
     /// The initial voters, used only to bootstrap an empty store. Empty means "join": the node
     /// waits to be added by a membership change and to receive a snapshot from the leader.

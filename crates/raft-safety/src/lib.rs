@@ -11,6 +11,10 @@
 //!   linearizable reads as futures, membership changes, leadership transfer, status.
 //! - [`sim`] and [`linearizability`]: the deterministic simulation and the checker it uses.
 //!
+//! Operating rules the library cannot enforce: a member's data dir (its [`RedbStore`]) is its
+//! identity; restarting on the same data dir rejoins with its state, but a member whose data
+//! was lost must come back under a new id through a membership change, never under its old one.
+//!
 //! How a service drives it (one member of `--peers 1=...,2=...,3=...`):
 //!
 //! ```no_run
