@@ -1,7 +1,9 @@
 //! Growth and throughput bench: document bytes per million increments (folding on), ops/s, RSS.
 //!
-//! `cargo bench -p crdt-sync --bench growth -- [increments] [tick_every] [rate_per_s]`
-//! (defaults 1,000,000, 1,000, 1,000). Prints one row per 100,000
+//! `cargo bench -p crdt-sync --bench growth -- [increments] [tick_every] [rate_per_s] [sequential_ids] [remote_apply] [step]`
+//! (defaults 1,000,000, 1,000, 1,000, 0, 1, 100,000). op_ids are random 36-character
+//! UUID-shaped strings unless `sequential_ids` is 1 (which compress far
+//! better). Prints one row per 100,000
 //! increments: the curve. The op log is a counting sink here so the
 //! figures are the replica's own.
 
@@ -11,7 +13,7 @@ use crdt_sync::{
     ChangeBatch, DocId, Error, MemOpLog, OpLog, OpLogError, OpRecord, Replica, ReplicaConfig,
 };
 
-/// Rows of the curve, in increments.
+/// Rows of the curve, in increments (default; argument 5 overrides).
 const STEP_INCREMENTS: u64 = 100_000;
 /// Batch sizes of the remote-apply measurement (changes coalesced per apply).
 const COALESCE: [usize; 3] = [1, 100, 1_000];
@@ -72,12 +74,37 @@ fn main() -> Result<(), Error> {
     let increments = arg(0, 1_000_000);
     let tick_every = arg(1, 1_000).max(1);
     let rate_per_s = arg(2, 1_000).max(1);
+    let sequential_ids = arg(3, 0) == 1;
+    let step_increments = arg(5, STEP_INCREMENTS).max(1);
+    let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut op_id = |i: u64| -> String {
+        if sequential_ids {
+            return format!("cycle-{i:012}");
+        }
+        // xorshift64*: deterministic, UUID-shaped, incompressible enough.
+        let mut word = || {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let (a, b) = (word(), word());
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xffff,
+            b >> 48,
+            b & 0xffff_ffff_ffff
+        )
+    };
     let doc = DocId::counter("production")?;
 
     println!(
         "single replica, folding on: {increments} increments, tick every {tick_every}, \
-         simulated rate {rate_per_s}/s, dedup window {} ms",
-        crdt_sync::DEDUP_WINDOW_MS_DEFAULT
+         simulated rate {rate_per_s}/s, dedup window {} ms, {} op_ids",
+        crdt_sync::DEDUP_WINDOW_MS_DEFAULT,
+        if sequential_ids { "sequential" } else { "random 36-char" }
     );
     println!(
         "{:>10} {:>12} {:>9} {:>11} {:>11} {:>8} {:>10} {:>11} {:>10} {:>9}",
@@ -98,13 +125,14 @@ fn main() -> Result<(), Error> {
     let mut busy = std::time::Duration::ZERO;
     for i in 1..=increments {
         let now_ms = i * 1_000 / rate_per_s;
+        let id = op_id(i);
         let op_started = Instant::now();
-        replica.increment(&doc, &format!("cycle-{i:012}"), 1, now_ms)?;
+        replica.increment(&doc, &id, 1, now_ms)?;
         if i % tick_every == 0 {
             replica.tick(now_ms)?;
         }
         busy += op_started.elapsed();
-        if i % STEP_INCREMENTS == 0 || i == increments {
+        if i % step_increments == 0 || i == increments {
             let step_elapsed = step_started.elapsed();
             let counter = replica.counter(&doc)?.expect("counter exists");
             assert_eq!(counter.value as u64, i);
@@ -122,7 +150,7 @@ fn main() -> Result<(), Error> {
                 counter.tombstones,
                 log.bytes,
                 rss_bytes() as f64 / 1e6,
-                STEP_INCREMENTS.min(i) as f64 / step_elapsed.as_secs_f64(),
+                step_increments.min(i) as f64 / step_elapsed.as_secs_f64(),
             );
             step_started = Instant::now();
         }
@@ -132,10 +160,10 @@ fn main() -> Result<(), Error> {
         started.elapsed().as_secs_f64(),
         increments as f64 / busy.as_secs_f64()
     );
-    let compacted = replica.compact(&doc)?;
-    println!("after compact(): doc {compacted} bytes, rss {:.1} MB", rss_bytes() as f64 / 1e6);
-
-    remote_apply(increments.min(REMOTE_APPLY_CHANGES))
+    if arg(4, 1) == 1 {
+        remote_apply(increments.min(REMOTE_APPLY_CHANGES))?;
+    }
+    Ok(())
 }
 
 /// Remote apply throughput: changes made at one replica, applied at another.

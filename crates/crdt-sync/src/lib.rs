@@ -28,8 +28,14 @@
 //!    [`Replica::receive_sync_message`] until both sides return `None`
 //!    (automerge's sync protocol: anti-entropy for lost messages).
 //! 5. Periodically: [`Replica::tick`] (acks, folding, tombstone expiry;
-//!    publish what it returns) and, at checkpoints, [`Replica::snapshot`],
-//!    persist it, then [`Replica::truncate_log`].
+//!    publish what it returns) and, at checkpoints, [`Replica::snapshot`]
+//!    (automerge's compacted save of every document), persist it, then
+//!    [`Replica::truncate_log`].
+//!
+//! [`sync::SyncedReplica`] does steps 2 to 5 over NATS (JetStream change
+//! batches coalesced for a flush interval, anti-entropy on core NATS,
+//! periodic ticks); the service only calls [`sync::SyncedReplica::update`]
+//! and [`sync::SyncedReplica::read`], and checkpoints.
 //!
 //! # Idempotency by op_id across replicas, and its bound
 //!
@@ -64,9 +70,11 @@
 //!   ([`DEDUP_WINDOW_MS_DEFAULT`], one hour), in
 //!   [`TOMBSTONE_BUCKETS_PER_WINDOW`] buckets per folder; a retry of an
 //!   op_id arriving later than the window after it was folded counts again.
-//! - History: automerge keeps every change; the saved document grows with
-//!   every operation even when the current state is bounded. The measured
-//!   growth is in the bench report (`benches/growth.rs`); bounding history
+//! - History: automerge keeps every change and every deleted op; the saved
+//!   document and the in-memory op set grow with every operation even when
+//!   the current state is bounded (`benches/growth.rs` measures it). In
+//!   automerge 0.12 one remote apply also costs a pass over the document,
+//!   so the sync layer applies waiting batches together. Bounding history
 //!   needs an epoch rebase (replicas agree on a stable state and restart
 //!   from a deterministic genesis of it), not built yet.
 //!

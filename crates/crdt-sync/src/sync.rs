@@ -7,7 +7,9 @@
 //!   the origin time in header [`ORIGIN_HEADER`].
 //! - Every replica follows the stream with an ordered push consumer that
 //!   starts at new messages (anti-entropy covers what came before), applies
-//!   what peers publish (idempotent) and records the replication lag.
+//!   what peers publish (idempotent; batches already waiting are applied
+//!   together, because one automerge apply costs a pass over the document)
+//!   and records the replication lag.
 //! - Anti-entropy: automerge sync messages on core NATS,
 //!   `edge.crdt.{doc}.sync.{from}.{to}`. A round (reset the per-peer sync
 //!   state, send the first message of every document to every member) runs
@@ -57,6 +59,8 @@ pub const STREAM_MAX_AGE_MS_DEFAULT: u64 = 60 * 60 * 1000;
 pub const OUTBOX_CAPACITY: usize = 4_096;
 /// Largest published message; a coalesced batch above it is split.
 pub const PUBLISH_BYTES_MAX: usize = 512 * 1024;
+/// Most peer batches applied together in one automerge apply.
+pub const RECEIVE_BATCHES_MAX: usize = 1_024;
 /// Replication lag samples kept for percentiles.
 pub const LAG_SAMPLES_MAX: usize = 10_000;
 
@@ -381,41 +385,94 @@ async fn publish_loop<L: OpLog>(
     }
 }
 
+/// A peer batch received from the stream.
+struct Received {
+    doc: DocId,
+    payload: Bytes,
+    origin_ms: Option<u64>,
+}
+
 async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer::push::Ordered) {
+    use futures::FutureExt;
     while let Some(message) = changes.next().await {
-        let Ok(message) = message else {
-            continue;
-        };
-        let Some((doc, "changes", nodes)) = parse_subject(message.subject.as_str()) else {
-            shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        if nodes.first().copied() == Some(shared.node_id.as_str()) {
-            continue;
-        }
-        let origin_ms = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(ORIGIN_HEADER))
-            .and_then(|value| value.as_str().parse::<u64>().ok());
-        let applied = lock(&shared).apply_changes(&doc, &message.payload);
-        match applied {
-            Ok(_) => {
-                shared.counters.batches_received.fetch_add(1, Ordering::Relaxed);
-                if let Some(origin_ms) = origin_ms {
-                    let lag = now_ms().saturating_sub(origin_ms);
-                    if let Ok(mut samples) = shared.lag_ms.lock() {
-                        if samples.len() == LAG_SAMPLES_MAX {
-                            samples.pop_front();
-                        }
-                        samples.push_back(lag);
-                    }
-                }
-            }
-            Err(_) => {
-                shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+        // Drain what is already waiting: one automerge apply costs a pass
+        // over the document, so applying many batches at once is far
+        // cheaper than one by one.
+        let mut received = Vec::new();
+        accept(&shared, message, &mut received);
+        while received.len() < RECEIVE_BATCHES_MAX {
+            match changes.next().now_or_never() {
+                Some(Some(message)) => accept(&shared, message, &mut received),
+                _ => break,
             }
         }
+        apply_received(&shared, received);
+    }
+}
+
+fn accept<L: OpLog>(
+    shared: &Shared<L>,
+    message: Result<jetstream::Message, consumer::push::OrderedError>,
+    received: &mut Vec<Received>,
+) {
+    let Ok(message) = message else {
+        return;
+    };
+    let Some((doc, "changes", nodes)) = parse_subject(message.subject.as_str()) else {
+        shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if nodes.first().copied() == Some(shared.node_id.as_str()) {
+        return;
+    }
+    let origin_ms = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(ORIGIN_HEADER))
+        .and_then(|value| value.as_str().parse::<u64>().ok());
+    received.push(Received { doc, payload: message.payload.clone(), origin_ms });
+}
+
+fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
+    let mut by_doc: BTreeMap<DocId, Vec<Received>> = BTreeMap::new();
+    for item in received {
+        by_doc.entry(item.doc.clone()).or_default().push(item);
+    }
+    let mut replica = lock(shared);
+    for (doc, items) in by_doc {
+        let mut combined = ChangeBatch::new();
+        let mut framed = true;
+        for item in &items {
+            match ChangeBatch::from_bytes(&item.payload) {
+                Ok(batch) => combined.extend(&batch),
+                Err(_) => framed = false,
+            }
+        }
+        // One apply for all; if anything in it is bad, one by one so only
+        // the bad batches are refused.
+        let together = framed && replica.apply_changes(&doc, combined.as_bytes()).is_ok();
+        let now = now_ms();
+        for item in &items {
+            let ok = together || replica.apply_changes(&doc, &item.payload).is_ok();
+            let counter = if ok {
+                &shared.counters.batches_received
+            } else {
+                &shared.counters.messages_rejected
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if ok && let Some(origin_ms) = item.origin_ms {
+                record_lag(shared, now.saturating_sub(origin_ms));
+            }
+        }
+    }
+}
+
+fn record_lag<L: OpLog>(shared: &Shared<L>, lag_ms: u64) {
+    if let Ok(mut samples) = shared.lag_ms.lock() {
+        if samples.len() == LAG_SAMPLES_MAX {
+            samples.pop_front();
+        }
+        samples.push_back(lag_ms);
     }
 }
 
