@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 const FLOOR_RECORD_BYTES: usize = 200;
 /// Payload of one log append.
 const PAYLOAD_BYTES: usize = 128;
+/// Interleaved measurement rounds.
+const ROUNDS: usize = 10;
 /// Concurrent writers in the concurrent run.
 const WRITERS: usize = 64;
 
@@ -32,6 +34,7 @@ struct Args {
     single_events: usize,
     per_writer_events: usize,
     nats: bool,
+    steady_secs: u64,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +44,7 @@ fn parse_args() -> Args {
         single_events: 5_000,
         per_writer_events: 500,
         nats: true,
+        steady_secs: 12,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +55,7 @@ fn parse_args() -> Args {
             "--single-events" => args.single_events = value().parse().expect("number"),
             "--per-writer-events" => args.per_writer_events = value().parse().expect("number"),
             "--no-nats" => args.nats = false,
+            "--steady-secs" => args.steady_secs = value().parse().expect("number"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -124,11 +129,17 @@ impl Run {
     }
 }
 
-fn floor(dir: &Path, n: usize) -> Run {
+/// The floor's preallocated file: zero-filled in page-sized writes and synced.
+struct FloorFile {
+    file: std::fs::File,
+    next: u64,
+}
+
+fn floor_file(dir: &Path, records: usize) -> FloorFile {
     let path = dir.join("floor.dat");
     let file =
         OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
-    let len = (n * FLOOR_RECORD_BYTES + 4096) as u64;
+    let len = (records * FLOOR_RECORD_BYTES + 4096) as u64;
     // Page-sized zero writes, like the log's preallocation (see ZERO_CHUNK_BYTES).
     let zeros = vec![0u8; 4096];
     let mut at = 0;
@@ -138,21 +149,25 @@ fn floor(dir: &Path, n: usize) -> Run {
         at += k;
     }
     file.sync_all().unwrap();
+    FloorFile { file, next: 0 }
+}
+
+fn floor(dir: &Path, floor: &mut FloorFile, n: usize) -> Run {
     let record = [0x5au8; FLOOR_RECORD_BYTES];
     let mut latencies = Vec::with_capacity(n);
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
     let started = Instant::now();
-    for i in 0..n {
+    for _ in 0..n {
         let t = Instant::now();
-        file.write_all_at(&record, (i * FLOOR_RECORD_BYTES) as u64).unwrap();
-        file.sync_data().unwrap();
+        floor.file.write_all_at(&record, floor.next).unwrap();
+        floor.file.sync_data().unwrap();
+        floor.next += FLOOR_RECORD_BYTES as u64;
         latencies.push(t.elapsed());
     }
     let elapsed = started.elapsed();
     let device_bytes = write_bytes(None) - bytes_before;
     let disk_bytes = device_write_bytes(dir) - disk_before;
-    std::fs::remove_file(&path).unwrap();
     Run {
         name: "F: 200 B pwrite + fdatasync, preallocated file".into(),
         events: n as u64,
@@ -162,6 +177,20 @@ fn floor(dir: &Path, n: usize) -> Run {
         device_bytes,
         disk_bytes,
     }
+}
+
+/// Sums rounds of the same measurement.
+fn merge(runs: Vec<Run>) -> Run {
+    let mut out = runs[0].clone();
+    for run in &runs[1..] {
+        out.events += run.events;
+        out.commits += run.commits;
+        out.elapsed += run.elapsed;
+        out.latencies.0.extend(&run.latencies.0);
+        out.device_bytes += run.device_bytes;
+        out.disk_bytes += run.disk_bytes;
+    }
+    out
 }
 
 fn request(n: u64, stream: &str) -> AppendRequest {
@@ -182,15 +211,20 @@ fn bench_options() -> Options {
     Options { background_preallocation: false, ..Options::default() }
 }
 
-fn single_writer(dir: &Path, n: usize) -> Run {
-    let log = EventLog::open(dir.join("single"), bench_options()).unwrap();
-    log.append(request(0, "arm-0")).unwrap(); // creates the segment
+fn open_log(dir: &Path, name: &str) -> EventLog {
+    let log = EventLog::open(dir.join(name), bench_options()).unwrap();
+    log.append(request(0, "arm-0")).unwrap(); // creates (preallocates) the segment
     log.checkpoint().unwrap();
+    log
+}
+
+fn single_writer(dir: &Path, log: &EventLog, first: u64, n: usize) -> Run {
     let mut latencies = Vec::with_capacity(n);
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
+    let commits_before = log.stats().group_commits;
     let started = Instant::now();
-    for i in 1..=n as u64 {
+    for i in first..first + n as u64 {
         let t = Instant::now();
         log.append(request(i, "arm-1")).unwrap();
         latencies.push(t.elapsed());
@@ -198,11 +232,10 @@ fn single_writer(dir: &Path, n: usize) -> Run {
     let elapsed = started.elapsed();
     let device_bytes = write_bytes(None) - bytes_before;
     let disk_bytes = device_write_bytes(dir) - disk_before;
-    log.close().unwrap();
     Run {
         name: "event-log: 1 writer, 128 B, Immediate".into(),
         events: n as u64,
-        commits: n as u64,
+        commits: log.stats().group_commits - commits_before,
         elapsed,
         latencies: Latencies(latencies),
         device_bytes,
@@ -210,10 +243,7 @@ fn single_writer(dir: &Path, n: usize) -> Run {
     }
 }
 
-fn concurrent(dir: &Path, per_writer: usize) -> Run {
-    let log = EventLog::open(dir.join("concurrent"), bench_options()).unwrap();
-    log.append(request(0, "arm-0")).unwrap();
-    log.checkpoint().unwrap();
+fn concurrent(dir: &Path, log: &EventLog, first: u64, per_writer: usize) -> Run {
     let barrier = Arc::new(Barrier::new(WRITERS + 1));
     let threads: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -225,7 +255,7 @@ fn concurrent(dir: &Path, per_writer: usize) -> Run {
                 barrier.wait();
                 for i in 0..per_writer as u64 {
                     let t = Instant::now();
-                    log.append(request(1 + w as u64 * 1_000_000 + i, &stream)).unwrap();
+                    log.append(request(first + w as u64 * 1_000_000 + i, &stream)).unwrap();
                     latencies.push(t.elapsed());
                 }
                 latencies
@@ -246,7 +276,6 @@ fn concurrent(dir: &Path, per_writer: usize) -> Run {
     let disk_bytes = device_write_bytes(dir) - disk_before;
     let events = (WRITERS * per_writer) as u64;
     let commits = log.stats().group_commits - commits_before;
-    log.close().unwrap();
     Run {
         name: format!("event-log: {WRITERS} writers, 128 B, Immediate"),
         events,
@@ -258,18 +287,52 @@ fn concurrent(dir: &Path, per_writer: usize) -> Run {
     }
 }
 
+/// Appends for `secs` seconds with `in_flight` appends outstanding (1: a lone writer), with
+/// the index's writes and checkpoints at their default cadence; bytes from /proc/self/io.
+fn steady(dir: &Path, log: &EventLog, in_flight: usize, secs: u64) -> Value {
+    let bytes_before = write_bytes(None);
+    let disk_before = device_write_bytes(dir);
+    let stats_before = log.stats();
+    let started = Instant::now();
+    let mut queue = std::collections::VecDeque::with_capacity(in_flight);
+    let mut n = 5_000_000_000u64 + in_flight as u64 * 1_000_000_000;
+    while started.elapsed() < Duration::from_secs(secs) {
+        while queue.len() < in_flight {
+            n += 1;
+            let stream = format!("arm-{}", n % 150);
+            queue.push_back(log.append_async(request(n, &stream)));
+        }
+        queue.pop_front().unwrap().wait().unwrap();
+    }
+    for pending in queue {
+        pending.wait().unwrap();
+    }
+    let elapsed = started.elapsed();
+    let stats = log.stats();
+    let events = stats.events - stats_before.events;
+    let bytes = write_bytes(None) - bytes_before;
+    json!({
+        "in_flight": in_flight,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "events": events,
+        "events_per_s": events as f64 / elapsed.as_secs_f64(),
+        "group_commits": stats.group_commits - stats_before.group_commits,
+        "index_writes": stats.index_writes - stats_before.index_writes,
+        "checkpoints": stats.checkpoints - stats_before.checkpoints,
+        "proc_write_bytes_per_event": bytes as f64 / events as f64,
+        "whole_disk_bytes_per_event": (device_write_bytes(dir) - disk_before) as f64 / events as f64,
+    })
+}
+
 /// 64 appends kept in flight by one thread (how an async caller with 64 tasks drives the log):
 /// each ack's latency runs from its submission to its completion.
-fn in_flight(dir: &Path, total: usize) -> Run {
-    let log = EventLog::open(dir.join("in-flight"), bench_options()).unwrap();
-    log.append(request(0, "arm-0")).unwrap();
-    log.checkpoint().unwrap();
+fn in_flight(dir: &Path, log: &EventLog, first: u64, total: usize) -> Run {
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
     let commits_before = log.stats().group_commits;
     let started = Instant::now();
     let mut queue = std::collections::VecDeque::with_capacity(WRITERS);
-    let mut submitted = 0u64;
+    let mut submitted = first;
     let mut latencies = Vec::with_capacity(total);
     let mut submit = |queue: &mut std::collections::VecDeque<_>| {
         submitted += 1;
@@ -290,7 +353,6 @@ fn in_flight(dir: &Path, total: usize) -> Run {
     let device_bytes = write_bytes(None) - bytes_before;
     let disk_bytes = device_write_bytes(dir) - disk_before;
     let commits = log.stats().group_commits - commits_before;
-    log.close().unwrap();
     Run {
         name: format!("event-log: {WRITERS} appends in flight (1 thread, async-style), 128 B"),
         events: total as u64,
@@ -436,11 +498,55 @@ fn main() {
     let args = parse_args();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir).unwrap();
-    let f = floor(&args.dir, args.single_events);
-    let single = single_writer(&args.dir, args.single_events);
-    let many = concurrent(&args.dir, args.per_writer_events);
-    let flight = in_flight(&args.dir, WRITERS * args.per_writer_events);
-    let f_again = floor(&args.dir, args.single_events);
+    // Interleaved rounds: the floor and each log run take turns, so a change in the machine's
+    // load hits all of them alike and the ratios stay meaningful.
+    let mut floor_file = floor_file(&args.dir, 2 * args.single_events + 4096);
+    let single_log = open_log(&args.dir, "single");
+    let many_log = open_log(&args.dir, "concurrent");
+    let flight_log = open_log(&args.dir, "in-flight");
+    let (mut fs, mut singles, mut manys, mut flights, mut f_agains) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let first = 1 + (round * 1_000_000_000) as u64;
+        // Index writes of the previous round happen here, outside every window: the rounds
+        // measure the log's own writes; the steady-state runs below include the index.
+        for log in [&single_log, &many_log, &flight_log] {
+            log.checkpoint().unwrap();
+        }
+        fs.push(floor(&args.dir, &mut floor_file, args.single_events / ROUNDS));
+        singles.push(single_writer(&args.dir, &single_log, first, args.single_events / ROUNDS));
+        manys.push(concurrent(&args.dir, &many_log, first, args.per_writer_events / ROUNDS));
+        flights.push(in_flight(
+            &args.dir,
+            &flight_log,
+            first,
+            WRITERS * args.per_writer_events / ROUNDS,
+        ));
+        for log in [&single_log, &many_log, &flight_log] {
+            log.checkpoint().unwrap();
+        }
+        f_agains.push(floor(&args.dir, &mut floor_file, args.single_events / ROUNDS));
+    }
+    // Steady state: each load alone for a while, index writes and checkpoints at their own
+    // cadence, everything the process writes counted.
+    let steady_single = steady(&args.dir, &single_log, 1, args.steady_secs);
+    let steady_flight = steady(&args.dir, &flight_log, WRITERS, args.steady_secs);
+    for log in [single_log, many_log, flight_log] {
+        log.close().unwrap();
+    }
+    let steady_json = json!({
+        "seconds": args.steady_secs,
+        "single_writer": steady_single,
+        "in_flight_64": steady_flight,
+    });
+    let mut f = merge(fs);
+    let f_after = merge(f_agains);
+    f.name = "F (before each round)".into();
+    let mut f_again = f_after;
+    f_again.name = "F (after each round)".into();
+    let single = merge(singles);
+    let many = merge(manys);
+    let flight = merge(flights);
     #[cfg(feature = "nats-peer")]
     let peer = if args.nats {
         nats::bench(&args.dir.join("nats"), args.single_events, args.per_writer_events)
@@ -454,6 +560,7 @@ fn main() {
     let ratio =
         |run: &Run, key: &str| run.json()[key].as_f64().unwrap() / fj[key].as_f64().unwrap();
     let mut runs = vec![f.clone(), single.clone(), many.clone(), flight.clone(), f_again.clone()];
+    println!("steady state: {}", serde_json::to_string(&steady_json).unwrap());
     if let Some((a, b)) = &peer {
         runs.push(a.clone());
         runs.push(b.clone());
@@ -486,6 +593,7 @@ fn main() {
         "single_writer": single.json(),
         "concurrent_writers": many.json(),
         "in_flight": flight.json(),
+        "steady_state": steady_json,
         "writers": WRITERS,
         "nats_peer": peer.as_ref().map(|(a, b)| json!({"single": a.json(), "concurrent": b.json()})),
         "ratios": {

@@ -27,14 +27,16 @@ pub const DEFAULT_QUEUE_DEPTH: usize = 4096;
 pub const MAX_UNSYNCED_BYTES: u64 = 1024 * 1024;
 /// Default age of the idempotency window (by the UUIDv7 time in the event id).
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
-/// Default time between durable index checkpoints.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time between durable index checkpoints (bounds the log tail replayed on open).
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default events between durable index checkpoints.
-pub const DEFAULT_CHECKPOINT_EVENTS: u64 = 100_000;
-/// Default events buffered before a (non-durable) index write.
-pub const DEFAULT_INDEX_FLUSH_EVENTS: usize = 4096;
-/// Default time an indexed event may wait for its (non-durable) index write.
-pub const DEFAULT_INDEX_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub const DEFAULT_CHECKPOINT_EVENTS: u64 = 500_000;
+/// Default events buffered before a (non-durable) index write. Large batches matter: every
+/// index write rewrites the last B-tree page of each stream it touches.
+pub const DEFAULT_INDEX_FLUSH_EVENTS: usize = 65_536;
+/// Default time an indexed event may wait for its (non-durable) index write (reads see it
+/// earlier, from memory).
+pub const DEFAULT_INDEX_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Smallest segment size accepted.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
 
