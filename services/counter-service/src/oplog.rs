@@ -1,0 +1,232 @@
+//! `EventOpLog`: crdt-sync's `OpLog` on the event-log crate (one event per op record, group commit).
+//!
+//! Every record is one event on stream [`STREAM`] (kind [`KIND`], payload =
+//! `OpRecord::encode`), so op log positions are event-log positions: the log
+//! holds nothing else, positions are dense from 1, and a snapshot's
+//! `covers_position` is a position in this log.
+//!
+//! Two ways to append:
+//!
+//! - **immediate** (the default, what the `OpLog` contract asks): `append`
+//!   returns once its records are fdatasynced;
+//! - **deferred**, between [`EventOpLog::begin_deferred`] and
+//!   [`EventOpLog::finish_deferred`]: `append` only queues the records with
+//!   the log's writer and returns the position they will get; `finish_deferred`
+//!   waits until all of them are durable. The increment batcher uses it so one
+//!   group commit covers a whole batch of increments made under one replica
+//!   lock; nothing of the batch is answered or published before
+//!   `finish_deferred` returns. If that wait fails, the replica holds changes
+//!   that may not be durable: the caller must stop the process (fail-stop, as
+//!   PostgreSQL does on an fsync error) and let recovery rebuild from disk.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crdt_sync::{Error as CrdtError, OpLog, OpLogError, OpRecord};
+use event_log::{AppendRequest, Appended, EventLog, Pending};
+
+/// Stream of the op records in the event log.
+pub const STREAM: &str = "crdt";
+/// Kind of an op record event.
+pub const KIND: &str = "crdt.change";
+/// Events read per chunk while replaying.
+const REPLAY_CHUNK_EVENTS: usize = 4_096;
+/// Most appends a deferred batch may queue before they are awaited.
+pub const DEFERRED_APPENDS_MAX: usize = 8_192;
+
+/// The event-log-backed op log. Cheap to clone (clones share the log and its position).
+#[derive(Debug, Clone)]
+pub struct EventOpLog {
+    log: EventLog,
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Position of the last record appended (durable, or queued in a deferred batch).
+    last_position: AtomicU64,
+    /// Incarnation of this process (in every event id, so ids never repeat across starts).
+    incarnation: u64,
+    /// Events appended by this process (the rest of the event id).
+    sequence: AtomicU64,
+    /// `Some` while a deferred batch is open: its pending appends.
+    deferred: Mutex<Option<Vec<Pending<Appended>>>>,
+}
+
+impl EventOpLog {
+    /// Wraps an open event log; `incarnation` must differ from every earlier start.
+    pub fn new(log: EventLog, incarnation: u64) -> EventOpLog {
+        let last_position = log.head().position;
+        EventOpLog {
+            log,
+            inner: std::sync::Arc::new(Inner {
+                last_position: AtomicU64::new(last_position),
+                incarnation,
+                sequence: AtomicU64::new(0),
+                deferred: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The event log underneath.
+    pub fn event_log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// Opens a deferred batch (see the module docs).
+    pub fn begin_deferred(&self) {
+        let mut deferred = self.inner.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(deferred.is_none(), "deferred batches do not nest");
+        *deferred = Some(Vec::new());
+    }
+
+    /// Closes the deferred batch and waits until every append queued in it is durable.
+    pub fn finish_deferred(&self) -> Result<(), OpLogError> {
+        let pending = self.inner.deferred.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut result = Ok(());
+        for item in pending.unwrap_or_default() {
+            if let Err(err) = item.wait() {
+                result = Err(OpLogError::Storage(err.to_string()));
+            }
+        }
+        result
+    }
+
+    fn event_id(&self) -> [u8; 16] {
+        // UUIDv7-shaped: 48-bit ms time, then the incarnation and a per-process sequence.
+        let now_ms = crdt_sync::sync::now_ms();
+        let sequence = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
+        id[6] = 0x70;
+        id[7..10].copy_from_slice(&(self.inner.incarnation as u32).to_be_bytes()[1..]);
+        id[10..].copy_from_slice(&sequence.to_be_bytes()[2..]);
+        id
+    }
+
+    fn requests(&self, records: &[OpRecord]) -> Vec<AppendRequest> {
+        records
+            .iter()
+            .map(|record| AppendRequest::new(STREAM, self.event_id(), KIND, record.encode()))
+            .collect()
+    }
+}
+
+fn storage(err: event_log::Error) -> OpLogError {
+    OpLogError::Storage(err.to_string())
+}
+
+impl OpLog for EventOpLog {
+    fn append(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
+        if records.is_empty() {
+            return Ok(self.last_position());
+        }
+        let mut requests = self.requests(records);
+        let mut deferred = self.inner.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = if requests.len() == 1 {
+            let pending = self.log.append_async(requests.remove(0));
+            PendingAppend::One(pending)
+        } else {
+            PendingAppend::Batch(self.log.append_batch_async(requests))
+        };
+        match (deferred.as_mut(), pending) {
+            (Some(queue), PendingAppend::One(pending)) if queue.len() < DEFERRED_APPENDS_MAX => {
+                queue.push(pending);
+            }
+            (_, PendingAppend::One(pending)) => {
+                pending.wait().map_err(storage)?;
+            }
+            (_, PendingAppend::Batch(pending)) => {
+                pending.wait().map_err(storage)?;
+            }
+        }
+        let count = records.len() as u64;
+        Ok(self.inner.last_position.fetch_add(count, Ordering::AcqRel) + count)
+    }
+
+    fn replay(
+        &self,
+        after_position: u64,
+        visit: &mut dyn FnMut(u64, OpRecord) -> Result<(), CrdtError>,
+    ) -> Result<(), CrdtError> {
+        let head = self.log.head().position;
+        let mut next = after_position + 1;
+        while next <= head {
+            let events = self
+                .log
+                .read_range(next, REPLAY_CHUNK_EVENTS)
+                .map_err(|err| CrdtError::from(storage(err)))?;
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                if event.position != next {
+                    return Err(OpLogError::Corrupt { position: next }.into());
+                }
+                let record = OpRecord::decode(&event.payload)
+                    .map_err(|_| OpLogError::Corrupt { position: event.position })?;
+                visit(event.position, record)?;
+                next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn truncate_through(&mut self, position: u64) -> Result<(), OpLogError> {
+        self.log.compact(position + 1).map(|_| ()).map_err(storage)
+    }
+
+    fn last_position(&self) -> u64 {
+        self.inner.last_position.load(Ordering::Acquire)
+    }
+}
+
+enum PendingAppend {
+    One(Pending<Appended>),
+    Batch(Pending<Vec<Appended>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt_sync::{DocId, Replica, ReplicaConfig};
+
+    fn open(dir: &std::path::Path, incarnation: u64) -> EventOpLog {
+        EventOpLog::new(EventLog::open(dir, event_log::Options::default()).unwrap(), incarnation)
+    }
+
+    #[test]
+    fn a_replica_recovers_from_the_event_log_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = DocId::counter("production").unwrap();
+        {
+            let log = open(dir.path(), 1);
+            let mut replica = Replica::new(ReplicaConfig::new("a", &["a"]), log.clone()).unwrap();
+            replica.increment(&doc, "op-1", 5, 1).unwrap();
+            log.begin_deferred();
+            replica.increment(&doc, "op-2", 2, 2).unwrap();
+            replica.increment(&doc, "op-3", -1, 3).unwrap();
+            log.finish_deferred().unwrap();
+            assert_eq!(log.last_position(), 3);
+            log.event_log().close().unwrap();
+        }
+        let log = open(dir.path(), 2);
+        assert_eq!(log.last_position(), 3);
+        let config = ReplicaConfig { incarnation: 2, ..ReplicaConfig::new("a", &["a"]) };
+        let mut replica = Replica::recover(config, log.clone(), None).unwrap();
+        assert_eq!(replica.counter(&doc).unwrap().unwrap().value, 6);
+        assert!(!replica.increment(&doc, "op-2", 2, 4).unwrap().applied);
+        assert!(replica.increment(&doc, "op-4", 4, 4).unwrap().applied);
+        assert_eq!(log.last_position(), 4);
+        let mut seen = Vec::new();
+        log.replay(2, &mut |position, record| {
+            seen.push((position, record.doc.to_string()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![(3, "counter:production".to_owned()), (4, "counter:production".to_owned())]
+        );
+    }
+}
