@@ -114,7 +114,11 @@ pub struct Controller {
     by_id: HashMap<String, usize>,
     safety: Mutex<SafetyCore>,
     estop_tx: mpsc::Sender<EstopRequest>,
+    frames: std::sync::atomic::AtomicU64,
 }
+
+/// Sensor frames between two samples of the sample-to-state lag histogram.
+pub const LAG_SAMPLE_EVERY_FRAMES: u64 = 16;
 
 /// What opening produced besides the controller.
 #[derive(Debug)]
@@ -173,7 +177,15 @@ impl Controller {
         let by_id = settings.arms.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
         let (estop_tx, estop_rx) = mpsc::channel(ESTOP_QUEUE_DEPTH);
         let safety = Mutex::new(SafetyCore::new(arms.len(), settings.deadman));
-        let controller = Arc::new(Controller { settings, log, arms, by_id, safety, estop_tx });
+        let controller = Arc::new(Controller {
+            settings,
+            log,
+            arms,
+            by_id,
+            safety,
+            estop_tx,
+            frames: Default::default(),
+        });
         Ok(Opened { controller, state, snapshotter, report, estop_rx })
     }
 
@@ -482,7 +494,10 @@ impl Controller {
             }
             live.last_at = Some(now);
         }
-        if let Some(last) = frame.samples.last() {
+        let n = self.frames.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(LAG_SAMPLE_EVERY_FRAMES)
+            && let Some(last) = frame.samples.last()
+        {
             let lag_us = now_us.saturating_sub(last.ts_us);
             metrics::histogram!("keel_arm_sensor_lag_seconds").record(lag_us as f64 / 1e6);
         }

@@ -111,13 +111,58 @@ async fn next_event(
     }
 }
 
-fn store_cursor(ctl: &Controller, name: &str, cell: &AtomicU64, position: u64) {
-    cell.store(position, Ordering::Relaxed);
-    if let Err(err) = ctl.log().set_cursor(name, position) {
-        tracing::warn!(outbox = name, error = %err, "cannot store the outbox cursor");
+/// Least time between two writes of one outbox's cursor: each write is an index
+/// transaction that costs device pages, and a cursor that steps back only re-sends what the
+/// broker and the counter deduplicate.
+pub const CURSOR_STORE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An outbox cursor: always current in memory (compaction reads it), written to the index
+/// at most every [`CURSOR_STORE_INTERVAL`] and when the outbox stops.
+struct Cursor<'a> {
+    ctl: &'a Controller,
+    name: &'static str,
+    cell: &'a AtomicU64,
+    stored: u64,
+    stored_at: Instant,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(ctl: &'a Controller, name: &'static str, cell: &'a AtomicU64, position: u64) -> Self {
+        cell.store(position, Ordering::Relaxed);
+        Self { ctl, name, cell, stored: position, stored_at: Instant::now() }
     }
-    let lag = ctl.log().head().position.saturating_sub(position);
-    metrics::gauge!("keel_arm_outbox_lag_events", "outbox" => name.to_owned()).set(lag as f64);
+
+    fn position(&self) -> u64 {
+        self.cell.load(Ordering::Relaxed)
+    }
+
+    fn advance(&mut self, position: u64) {
+        self.cell.store(position, Ordering::Relaxed);
+        let lag = self.ctl.log().head().position.saturating_sub(position);
+        metrics::gauge!("keel_arm_outbox_lag_events", "outbox" => self.name).set(lag as f64);
+        if self.stored_at.elapsed() >= CURSOR_STORE_INTERVAL {
+            self.store();
+        }
+    }
+
+    fn store(&mut self) {
+        let position = self.position();
+        if position == self.stored {
+            return;
+        }
+        if let Err(err) = self.ctl.log().set_cursor(self.name, position) {
+            tracing::warn!(outbox = self.name, error = %err, "cannot store the outbox cursor");
+            return;
+        }
+        self.stored = position;
+        self.stored_at = Instant::now();
+    }
+}
+
+impl Drop for Cursor<'_> {
+    fn drop(&mut self) {
+        self.store();
+    }
 }
 
 async fn ensure_stream(js: &jetstream::Context) -> Result<(), String> {
@@ -167,7 +212,7 @@ pub async fn run_events(
     let mut js = jetstream::new(client);
     js.set_timeout(Duration::from_millis(ACK_TIMEOUT_MS));
     let start = start_position(&ctl, EVENTS_CURSOR);
-    cursors.events.store(start - 1, Ordering::Relaxed);
+    let mut cursor = Cursor::new(&ctl, EVENTS_CURSOR, &cursors.events, start - 1);
     let mut sub = ctl.log().subscribe(start);
     let mut batch: Vec<Event> = Vec::new();
     let mut stream_ready = false;
@@ -198,7 +243,7 @@ pub async fn run_events(
                     .increment(batch.len() as u64);
                 metrics::counter!("keel_arm_outbox_duplicates_total", "outbox" => EVENTS_CURSOR)
                     .increment(duplicates);
-                store_cursor(&ctl, EVENTS_CURSOR, &cursors.events, last);
+                cursor.advance(last);
                 batch.clear();
                 attempt = 0;
             }
@@ -254,8 +299,7 @@ pub async fn run_counter(
     stop: Shutdown,
 ) {
     let start = start_position(&ctl, COUNTER_CURSOR);
-    cursors.counter.store(start - 1, Ordering::Relaxed);
-    let mut stored = start - 1;
+    let mut cursor = Cursor::new(&ctl, COUNTER_CURSOR, &cursors.counter, start - 1);
     let mut sub = ctl.log().subscribe(start);
     let subject = wire::subjects::counter_inc(PRODUCTION_COUNTER);
     let mut last_warn: Option<Instant> = None;
@@ -263,10 +307,9 @@ pub async fn run_counter(
         let event = match sub.try_next() {
             Ok(Some(event)) => event,
             _ => {
-                // Idle: store the cursor, so a restart does not rescan what was skipped.
-                if sub.position() > stored + 1 {
-                    stored = sub.position() - 1;
-                    store_cursor(&ctl, COUNTER_CURSOR, &cursors.counter, stored);
+                // Idle: everything before the subscription's position is handled.
+                if sub.position() > cursor.position() + 1 {
+                    cursor.advance(sub.position() - 1);
                 }
                 let Some(event) = next_event(&ctl, COUNTER_CURSOR, &mut sub, &stop).await else {
                     return;
@@ -326,11 +369,9 @@ pub async fn run_counter(
                     }
                 }
             }
-            stored = event.position;
-            store_cursor(&ctl, COUNTER_CURSOR, &cursors.counter, stored);
-        } else if event.position >= stored + COUNTER_CURSOR_EVERY_EVENTS {
-            stored = event.position;
-            store_cursor(&ctl, COUNTER_CURSOR, &cursors.counter, stored);
+            cursor.advance(event.position);
+        } else if event.position >= cursor.position() + COUNTER_CURSOR_EVERY_EVENTS {
+            cursor.advance(event.position);
         }
     }
 }
