@@ -360,8 +360,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         log.close()
     })
     .await??;
-    if let Err(err) = client.flush().await {
-        tracing::debug!(error = %err, "nats flush on shutdown");
+    // Hand over what is buffered for NATS, but never wait on an absent server.
+    match tokio::time::timeout(Duration::from_millis(STOP_TIMEOUT_MS), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "nats flush on shutdown"),
+        Err(_) => tracing::warn!("nats flush on shutdown timed out"),
     }
     served??;
     Ok(())

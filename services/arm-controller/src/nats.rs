@@ -234,7 +234,10 @@ pub async fn send_estops(
                     tracing::warn!(request_id = %request.request_id, attempt, "e-stop request timed out")
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100 << attempt)) => {}
+                _ = stop.wait() => return,
+            }
         }
         metrics::counter!("keel_arm_estop_requests_total", "outcome" => outcome).increment(1);
     }

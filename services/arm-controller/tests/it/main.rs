@@ -5,5 +5,6 @@ mod lifecycle;
 mod outbox;
 mod plans;
 mod safety;
+mod shutdown;
 mod sim;
 mod support;
