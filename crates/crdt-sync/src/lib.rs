@@ -107,7 +107,7 @@ pub use counter::CounterValue;
 pub use doc_id::{DOC_NAME_BYTES_MAX, DocId, DocKind, NODE_ID_BYTES_MAX, validate_node_id};
 pub use error::{Error, OpLogError};
 pub use list::LIST_ITEM_BYTES_MAX;
-pub use oplog::{MemOpLog, OpLog, OpRecord};
+pub use oplog::{MemOpLog, OpLog, OpRecord, conformance as oplog_conformance};
 pub use register::{REGISTER_VALUE_BYTES_MAX, RegisterValue};
 pub use replica::{
     DEDUP_WINDOW_MS_DEFAULT, MEMBERS_MAX, OP_ID_BYTES_MAX, RemoteApplied, Replica, ReplicaConfig,

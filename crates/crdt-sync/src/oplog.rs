@@ -163,6 +163,51 @@ impl OpLog for MemOpLog {
     }
 }
 
+/// The conformance suite every [`OpLog`] implementation should pass (run
+/// it from the implementation's tests with a constructor of empty logs).
+pub mod conformance {
+    use super::{OpLog, OpRecord};
+    use crate::batch::ChangeBatch;
+    use crate::doc_id::DocId;
+
+    fn record(name: &str, change: &[u8]) -> OpRecord {
+        let mut changes = ChangeBatch::new();
+        changes.push(change);
+        OpRecord { doc: DocId::counter(name).expect("valid name"), changes }
+    }
+
+    fn replayed<L: OpLog>(log: &L, after: u64) -> Vec<(u64, OpRecord)> {
+        let mut out = Vec::new();
+        log.replay(after, &mut |position, record| {
+            out.push((position, record));
+            Ok(())
+        })
+        .expect("replay");
+        out
+    }
+
+    /// Positions start at 1 and grow by one per record; replay returns
+    /// exactly what was appended, in order, after the given position;
+    /// truncation forgets records up to a position and nothing after it.
+    pub fn run<L: OpLog>(mut new_log: impl FnMut() -> L) {
+        let mut log = new_log();
+        assert_eq!(log.last_position(), 0);
+        assert!(replayed(&log, 0).is_empty());
+        let (a, b, c) = (record("a", b"1"), record("b", b"22"), record("c", &[0u8; 300]));
+        assert_eq!(log.append(std::slice::from_ref(&a)).expect("append"), 1);
+        assert_eq!(log.append(&[b.clone(), c.clone()]).expect("append"), 3);
+        assert_eq!(log.last_position(), 3);
+        assert_eq!(replayed(&log, 0), vec![(1, a.clone()), (2, b.clone()), (3, c.clone())]);
+        assert_eq!(replayed(&log, 2), vec![(3, c.clone())]);
+        log.truncate_through(1).expect("truncate");
+        assert_eq!(replayed(&log, 0), vec![(2, b), (3, c)]);
+        assert_eq!(log.last_position(), 3);
+        assert_eq!(log.append(std::slice::from_ref(&a)).expect("append"), 4);
+        assert_eq!(replayed(&log, 3), vec![(4, a)]);
+        assert!(new_log().last_position() == 0, "a new log starts empty");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +216,11 @@ mod tests {
         let mut changes = ChangeBatch::new();
         changes.push(name.as_bytes());
         OpRecord { doc: DocId::counter(name).unwrap(), changes }
+    }
+
+    #[test]
+    fn mem_log_passes_the_conformance_suite() {
+        conformance::run(MemOpLog::new);
     }
 
     #[test]

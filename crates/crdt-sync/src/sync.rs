@@ -572,3 +572,36 @@ async fn periodic<L: OpLog>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        let doc = DocId::counter("production").unwrap();
+        let changes = changes_subject(&doc, "node-a");
+        assert_eq!(changes, "edge.crdt.counter:production.changes.node-a");
+        let (parsed, kind, nodes) = parse_subject(&changes).unwrap();
+        assert_eq!((parsed, kind, nodes), (doc.clone(), "changes", vec!["node-a"]));
+        let sync = sync_subject(&doc, "a", "b");
+        let (parsed, kind, nodes) = parse_subject(&sync).unwrap();
+        assert_eq!((parsed, kind, nodes), (doc, "sync", vec!["a", "b"]));
+        assert!(parse_subject("edge.crdt.gauge:x.changes.a").is_none());
+        assert!(parse_subject("edge.other.counter:x.changes.a").is_none());
+        assert!(parse_subject("edge.crdt").is_none());
+    }
+
+    #[test]
+    fn stream_subjects_cover_change_subjects_only() {
+        let doc = DocId::set("flags").unwrap();
+        let matches = |subject: &str| {
+            let pattern: Vec<&str> = STREAM_SUBJECTS.split('.').collect();
+            let tokens: Vec<&str> = subject.split('.').collect();
+            pattern.len() == tokens.len()
+                && pattern.iter().zip(&tokens).all(|(p, t)| *p == "*" || p == t)
+        };
+        assert!(matches(&changes_subject(&doc, "a")));
+        assert!(!matches(&sync_subject(&doc, "a", "b")));
+    }
+}
