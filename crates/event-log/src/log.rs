@@ -67,7 +67,12 @@ pub(crate) struct Shared {
     /// Set when an index write failed (the writer then fails the log).
     pub index_error: Mutex<Option<String>>,
     pub stats: Counters,
+    /// Held while the log is open (an exclusive lock on `LOCK`).
+    _lock: Box<dyn std::any::Any + Send + Sync>,
 }
+
+/// Name of the lock file in the log directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// Counters the writer keeps.
 #[derive(Debug, Default)]
@@ -261,6 +266,10 @@ impl EventLog {
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         vfs.create_dir_all(&dir).map_err(io("create log directory"))?;
+        let lock = vfs.lock(&join(&dir, LOCK_FILE_NAME)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => Error::Locked,
+            _ => Error::Io { op: "lock log directory", source: e },
+        })?;
         let recovered = recover(vfs.as_ref(), &dir, &options)?;
         let (tx, rx) = mpsc::sync_channel(options.queue_depth);
         let Recovered { db, segments, head, writer_init } = recovered;
@@ -277,6 +286,7 @@ impl EventLog {
             indexed_position: AtomicU64::new(head_position),
             index_error: Mutex::new(None),
             stats: Counters::default(),
+            _lock: lock,
         });
         info!(
             dir = %shared.dir.display(),

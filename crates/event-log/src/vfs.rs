@@ -56,6 +56,14 @@ pub trait Vfs: Debug + Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Whether a file exists.
     fn exists(&self, path: &Path) -> io::Result<bool>;
+
+    /// Takes an exclusive lock on `path` (created if missing) for as long as the returned
+    /// guard lives; fails with `WouldBlock` if another owner holds it. The default does
+    /// nothing (a simulated disk has one owner).
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let _ = path;
+        Ok(Box::new(()))
+    }
 }
 
 /// The real file system (`std::fs`).
@@ -118,6 +126,17 @@ impl Vfs for StdVfs {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         path.try_exists()
     }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(io::Error::new(io::ErrorKind::WouldBlock, "locked by another process"))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
 }
 
 /// Joins a directory and a file name.
@@ -177,5 +196,10 @@ mod tests {
         vfs.sync_dir(dir.path()).unwrap();
         assert_eq!(vfs.list(dir.path()).unwrap(), vec!["b".to_owned()]);
         assert!(file.read_exact_at(&mut [0u8; 9], 0).is_err());
+        let lock = dir.path().join("LOCK");
+        let guard = vfs.lock(&lock).unwrap();
+        assert_eq!(vfs.lock(&lock).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        drop(guard);
+        vfs.lock(&lock).unwrap();
     }
 }

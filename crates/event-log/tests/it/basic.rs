@@ -40,6 +40,9 @@ fn append_read_and_chain() {
     assert_eq!((report.events_checked, report.first_bad), (3, None));
     log.close().unwrap();
     assert!(matches!(log.append(request("arm-1", 4, 1)), Err(Error::Closed)));
+    // One owner at a time: the directory stays locked until the last handle is dropped.
+    assert!(matches!(EventLog::open(dir.path(), Options::default()), Err(Error::Locked)));
+    drop(log);
 
     // Reopen: the same events, versions continue.
     let log = EventLog::open(dir.path(), Options::default()).unwrap();
