@@ -68,6 +68,12 @@ pub enum Error {
         /// The list's length.
         len: usize,
     },
+    /// Creating the document would exceed [`crate::DOCS_MAX`].
+    #[error("a replica holds at most {max} documents")]
+    TooManyDocs {
+        /// The limit.
+        max: usize,
+    },
     /// The document exists with another kind.
     #[error("document {name:?} is a {actual}, not a {expected}")]
     WrongKind {

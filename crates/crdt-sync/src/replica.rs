@@ -33,6 +33,9 @@ pub const DEDUP_WINDOW_MS_DEFAULT: u64 = 60 * 60 * 1000;
 pub const TOMBSTONE_BUCKETS_PER_WINDOW: u64 = 12;
 /// Most replicas in a membership.
 pub const MEMBERS_MAX: usize = 64;
+/// Most documents one replica holds (peers can create documents through
+/// sync messages, so this bounds what they can make it hold).
+pub const DOCS_MAX: usize = 1_024;
 /// Largest sync message accepted, in bytes.
 pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -644,6 +647,9 @@ impl<L: OpLog> Replica<L> {
     ) -> Result<Option<ChangeBatch>, Error> {
         let created = !self.docs.contains_key(id);
         if created {
+            if self.docs.len() >= DOCS_MAX {
+                return Err(Error::TooManyDocs { max: DOCS_MAX });
+            }
             self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
         }
         let state = self.docs.get_mut(id).expect("inserted above");
@@ -693,6 +699,9 @@ impl<L: OpLog> Replica<L> {
     ) -> Result<usize, Error> {
         let created = !self.docs.contains_key(id);
         if created {
+            if self.docs.len() >= DOCS_MAX {
+                return Err(Error::TooManyDocs { max: DOCS_MAX });
+            }
             self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
         }
         let state = self.docs.get_mut(id).expect("inserted above");
@@ -988,6 +997,23 @@ mod tests {
         r[0].log.fail_next_appends(1);
         assert!(r[0].increment(&fresh_doc, "op-1", 1, 1).is_err());
         assert!(r[0].counter(&fresh_doc).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_number_of_documents_is_bounded() {
+        let mut r = replicas();
+        for i in 0..DOCS_MAX {
+            let doc = DocId::set(&format!("s{i}")).unwrap();
+            r[0].set_add(&doc, "m", 1).unwrap();
+        }
+        let one_more = DocId::set("one-more").unwrap();
+        assert!(matches!(r[0].set_add(&one_more, "m", 1), Err(Error::TooManyDocs { .. })));
+        let offer = r[1].set_add(&one_more, "m", 1).unwrap().changes.unwrap();
+        assert!(matches!(
+            r[0].apply_changes(&one_more, offer.as_bytes()),
+            Err(Error::TooManyDocs { .. })
+        ));
+        assert_eq!(r[0].docs().len(), DOCS_MAX);
     }
 
     #[test]
