@@ -11,7 +11,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use crate::support::{id, seed, small_options};
 
 /// Generated sequences per run.
-const CASES: u32 = 40;
+const CASES: u32 = 150;
 const STREAMS: [&str; 3] = ["a", "b", "c"];
 
 #[derive(Debug, Clone)]

@@ -10,8 +10,8 @@ use snapshotter::{Codec, Recover, SnapshotOptions, SnapshotPolicy, Snapshotter};
 
 use crate::support::{Fold, seed, small_log_options};
 
-/// Cut points per run (the event-log suite adds its own 1,000+ on the log alone).
-const CUT_POINTS: u64 = 500;
+/// Cut points per run (with snapshots and compactions; the event-log suite has its own).
+const CUT_POINTS: u64 = 1_000;
 const WORKLOAD_OPS: usize = 40;
 
 fn snapshot_options(rng: &mut SimRng) -> SnapshotOptions {
