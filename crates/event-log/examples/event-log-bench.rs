@@ -75,6 +75,25 @@ fn write_bytes(pid: Option<u32>) -> u64 {
         .expect("write_bytes in /proc/<pid>/io")
 }
 
+/// `write_bytes` summed over this process's threads whose name starts with `prefix`
+/// (`/proc/self/task/*/io`; threads that have exited are not counted).
+fn thread_write_bytes(prefix: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().filter_map(|e| e.ok()) {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let io = std::fs::read_to_string(task.path().join("io")).unwrap_or_default();
+        total += io
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
 /// Bytes written to the block device holding `dir` (all processes), from /sys.
 fn device_write_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -292,6 +311,8 @@ fn concurrent(dir: &Path, log: &EventLog, first: u64, per_writer: usize) -> Run 
 fn steady(dir: &Path, log: &EventLog, in_flight: usize, secs: u64) -> Value {
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
+    let writer_before = thread_write_bytes("event-log-write");
+    let index_before = thread_write_bytes("event-log-index");
     let stats_before = log.stats();
     let started = Instant::now();
     let mut queue = std::collections::VecDeque::with_capacity(in_flight);
@@ -320,6 +341,10 @@ fn steady(dir: &Path, log: &EventLog, in_flight: usize, secs: u64) -> Value {
         "index_writes": stats.index_writes - stats_before.index_writes,
         "checkpoints": stats.checkpoints - stats_before.checkpoints,
         "proc_write_bytes_per_event": bytes as f64 / events as f64,
+        "writer_thread_bytes_per_event":
+            (thread_write_bytes("event-log-write") - writer_before) as f64 / events as f64,
+        "index_thread_bytes_per_event":
+            (thread_write_bytes("event-log-index") - index_before) as f64 / events as f64,
         "whole_disk_bytes_per_event": (device_write_bytes(dir) - disk_before) as f64 / events as f64,
     })
 }
