@@ -103,7 +103,7 @@ pub enum Error {
     /// accepted, since the state of the file after a failed fsync is unknown.
     #[error("log is failed after an earlier I/O error; reopen it")]
     Failed,
-    /// Another process (or handle) has the log open.
+    /// Another process (or handle) has the log open (and kept it for `LOCK_WAIT_MAX`).
     #[error("log directory is locked by another owner")]
     Locked,
     /// The log was shut down.

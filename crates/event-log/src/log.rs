@@ -266,10 +266,7 @@ impl EventLog {
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         vfs.create_dir_all(&dir).map_err(io("create log directory"))?;
-        let lock = vfs.lock(&join(&dir, LOCK_FILE_NAME)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock => Error::Locked,
-            _ => Error::Io { op: "lock log directory", source: e },
-        })?;
+        let lock = lock_dir(vfs.as_ref(), &dir)?;
         let recovered = recover(vfs.as_ref(), &dir, &options)?;
         let (tx, rx) = mpsc::sync_channel(options.queue_depth);
         let Recovered { db, segments, head, writer_init } = recovered;
@@ -712,6 +709,27 @@ fn verify(shared: &Shared) -> Result<VerifyReport> {
         bad(&mut report, head.position, "head hash mismatch".into());
     }
     Ok(report)
+}
+
+/// Longest wait for the directory lock (a previous owner may still be exiting).
+pub const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// Pause between attempts to take the lock (`flock` has no timed wait).
+const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn lock_dir(vfs: &dyn Vfs, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+    let deadline = Instant::now() + LOCK_WAIT_MAX;
+    loop {
+        match vfs.lock(&join(dir, LOCK_FILE_NAME)) {
+            Ok(guard) => return Ok(guard),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Locked);
+                }
+                std::thread::sleep(LOCK_RETRY_INTERVAL);
+            }
+            Err(e) => return Err(Error::Io { op: "lock log directory", source: e }),
+        }
+    }
 }
 
 /// What recovery hands to the handle and the writer.
