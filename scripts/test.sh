@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 keel_install_prereqs
 
+# A clean CI build gains nothing from incremental compilation, only its overhead.
+if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
+
 started=$(date +%s)
 step() { echo "==> $* ($(($(date +%s) - started)) s)"; }
 
