@@ -19,8 +19,9 @@ use wire::json::{EstopRequest, PlanAck, PlanUpdate};
 use crate::clock;
 use crate::safety::{SafetyCore, Verdict};
 use crate::state::{
-    Ack, AggregatePayload, ArmDurable, CALLER_ID_BYTES_MAX, CyclePayload, KIND_AGGREGATE,
-    KIND_CYCLE, KIND_PLAN, PlanPayload, State, cycle_event_id, plan_event_id,
+    AGGREGATE_BATCH_ARMS_MAX, AGGREGATE_STREAM, Ack, AggregateBatch, AggregatePayload, ArmDurable,
+    CALLER_ID_BYTES_MAX, CyclePayload, KIND_AGGREGATE, KIND_CYCLE, KIND_PLAN, PlanPayload, State,
+    cycle_event_id, plan_event_id,
 };
 
 /// Most events one `GET /arms/{arm}/events` returns.
@@ -575,36 +576,38 @@ impl Controller {
         total
     }
 
-    /// Commits every arm's sensor aggregate of the interval just ended (durable within the
-    /// interval, never on an acknowledgement path) and returns the pending appends.
+    /// Commits the sensor aggregates of the interval just ended, as batch events in
+    /// [`AGGREGATE_STREAM`] (durable within the interval, never on an acknowledgement path),
+    /// and returns the pending appends with what they carry.
     pub fn flush_aggregates(
         &self,
-    ) -> Vec<(usize, event_log::Pending<event_log::Appended>, Vec<u8>)> {
+    ) -> Vec<(event_log::Pending<event_log::Appended>, AggregateBatch)> {
         let Some(interval) = self.settings.aggregate_interval else { return Vec::new() };
+        let windows: Vec<AggregatePayload> =
+            self.arms.iter().filter_map(|arm| lock(&arm.live).window.take()).collect();
         let mut pending = Vec::new();
-        for (idx, arm) in self.arms.iter().enumerate() {
-            let Some(window) = lock(&arm.live).window.take() else { continue };
-            let Ok(bytes) = serde_json::to_vec(&window) else { continue };
+        for chunk in windows.chunks(AGGREGATE_BATCH_ARMS_MAX) {
+            let batch = AggregateBatch { arms: chunk.to_vec() };
+            let Ok(bytes) = serde_json::to_vec(&batch) else { continue };
             let request = AppendRequest::new(
-                arm.id.clone(),
+                AGGREGATE_STREAM,
                 *uuid::Uuid::now_v7().as_bytes(),
                 KIND_AGGREGATE,
-                bytes.clone(),
+                bytes,
             )
             .with_durability(Durability::Within(interval));
-            pending.push((idx, self.log.append_async(request), bytes));
+            pending.push((self.log.append_async(request), batch));
         }
         pending
     }
 
-    /// Folds a committed aggregate into the arm's durable state.
-    pub fn aggregate_committed(&self, idx: usize, bytes: &[u8], appended: event_log::Appended) {
-        lock(&self.arms[idx].durable).apply(
-            KIND_AGGREGATE,
-            bytes,
-            appended.position,
-            appended.hash,
-        );
+    /// Folds a committed aggregate batch into the arms' durable state.
+    pub fn aggregates_committed(&self, batch: &AggregateBatch) {
+        for aggregate in &batch.arms {
+            if let Some(&idx) = self.by_id.get(&aggregate.arm) {
+                lock(&self.arms[idx].durable).apply_aggregate(aggregate);
+            }
+        }
         metrics::counter!("keel_arm_commits_total", "kind" => KIND_AGGREGATE).increment(1);
     }
 }

@@ -2,8 +2,9 @@
 //! log. `run` wires config, readiness, recovery, NATS handlers, outboxes and the router.
 //!
 //! What is durable: plan updates and cycles (one `immediate` event each, acknowledged after
-//! the fsync), and per arm a sensor aggregate every `--aggregate-interval-ms` (durable
-//! within that interval). Sensor samples themselves are folded in memory only.
+//! the fsync), and every `--aggregate-interval-ms` one event (stream `_sensors`) with a
+//! sensor aggregate per arm (durable within that interval). Sensor samples themselves are
+//! folded in memory only.
 //!
 //! Data dir layout: `log/` (event log: segments + `index.redb` with the outbox cursors) and
 //! `snapshots/`.
@@ -134,6 +135,9 @@ impl Config {
                     "--arms: {id:?} is not a valid arm id ([A-Za-z0-9_-], 1..=64)"
                 ));
             }
+            if id.starts_with('_') {
+                return Err(format!("--arms: {id:?} may not start with '_' (reserved)"));
+            }
             if ids[..i].contains(id) {
                 return Err(format!("--arms: {id:?} is listed twice"));
             }
@@ -241,9 +245,9 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
             if !pending.is_empty() {
                 let ctl = ctl.clone();
                 tokio::spawn(async move {
-                    for (idx, pending, bytes) in pending {
+                    for (pending, batch) in pending {
                         match pending.await {
-                            Ok(appended) => ctl.aggregate_committed(idx, &bytes, appended),
+                            Ok(_) => ctl.aggregates_committed(&batch),
                             Err(err) => {
                                 tracing::warn!(error = %err, "sensor aggregate not committed")
                             }

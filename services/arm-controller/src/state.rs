@@ -12,8 +12,15 @@ use sha2::{Digest, Sha256};
 pub const KIND_PLAN: &str = "plan.updated";
 /// Kind of a completed cycle.
 pub const KIND_CYCLE: &str = "cycle.completed";
-/// Kind of a periodic sensor aggregate (durable within its interval, not immediately).
-pub const KIND_AGGREGATE: &str = "sensor.aggregate";
+/// Kind of a periodic batch of sensor aggregates, one per arm that spoke in the interval
+/// (durable within its interval, not immediately), in stream [`AGGREGATE_STREAM`].
+pub const KIND_AGGREGATE: &str = "sensor.aggregates";
+/// The stream of sensor aggregate batches. Arm ids may not start with `_`, so it never
+/// collides with an arm's stream, and it is a valid subject token
+/// (`edge.arm._sensors.events`).
+pub const AGGREGATE_STREAM: &str = "_sensors";
+/// Most arms' aggregates in one batch event (keeps it well under the log's payload limit).
+pub const AGGREGATE_BATCH_ARMS_MAX: usize = 256;
 
 /// Plan acknowledgements kept per arm so that a retry of a recent update (same id and
 /// version) gets the identical body even after newer updates; older retries are stale.
@@ -50,8 +57,17 @@ pub struct CyclePayload {
     pub timestamp: String,
 }
 
-/// Payload of a [`KIND_AGGREGATE`] event (JSON): what one arm's sensors said over one
-/// aggregation interval. Samples themselves are never written one by one.
+/// Payload of a [`KIND_AGGREGATE`] event (JSON). One event per interval for all arms keeps
+/// the index at one entry per interval instead of one per arm (index pages are most of the
+/// bytes an event costs the device).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AggregateBatch {
+    /// One per arm that sent samples in the interval.
+    pub arms: Vec<AggregatePayload>,
+}
+
+/// What one arm's sensors said over one aggregation interval. Samples themselves are
+/// never written one by one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggregatePayload {
     /// Arm id.
@@ -151,16 +167,15 @@ impl ArmDurable {
                 }
                 Err(err) => self.unreadable(position, kind, &err),
             },
-            KIND_AGGREGATE => match serde_json::from_slice::<AggregatePayload>(payload) {
-                Ok(agg) => {
-                    self.aggregates += 1;
-                    self.samples_aggregated += agg.samples;
-                }
-                Err(err) => self.unreadable(position, kind, &err),
-            },
             // Kinds written by a newer version: kept in the log, nothing to fold here.
             _ => {}
         }
+    }
+
+    /// Folds this arm's entry of an aggregate batch.
+    pub fn apply_aggregate(&mut self, aggregate: &AggregatePayload) {
+        self.aggregates += 1;
+        self.samples_aggregated += aggregate.samples;
     }
 
     fn unreadable(&mut self, position: u64, kind: &str, err: &serde_json::Error) {
@@ -192,6 +207,22 @@ impl snapshotter::Recover for State {
         debug_assert!(event.position > self.position, "events fold in log order");
         self.position = event.position;
         self.hash = event.hash;
+        if event.kind == KIND_AGGREGATE {
+            match serde_json::from_slice::<AggregateBatch>(&event.payload) {
+                Ok(batch) => {
+                    for aggregate in &batch.arms {
+                        self.arms
+                            .entry(aggregate.arm.clone())
+                            .or_default()
+                            .apply_aggregate(aggregate);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(position = event.position, error = %err, "unreadable aggregate batch")
+                }
+            }
+            return;
+        }
         self.arms.entry(event.stream.clone()).or_default().apply(
             &event.kind,
             &event.payload,
@@ -280,6 +311,37 @@ mod tests {
     fn postcard_like(state: &State) -> State {
         let codec = snapshotter::Codec::Postcard;
         codec.decode(&codec.encode(state).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_aggregate_batch_folds_into_each_arm() {
+        let agg = |arm: &str, samples| AggregatePayload {
+            arm: arm.into(),
+            samples,
+            from_ts_us: 1,
+            to_ts_us: 2,
+            joints_min: vec![0.0],
+            joints_max: vec![0.1],
+            joints_last: vec![0.05],
+            deviation_max_rad: 0.01,
+        };
+        let batch = AggregateBatch { arms: vec![agg("arm-001", 10), agg("arm-002", 4)] };
+        let mut state = State::default();
+        state.apply(&Event {
+            position: 1,
+            stream: AGGREGATE_STREAM.into(),
+            stream_version: 1,
+            event_id: [7; 16],
+            kind: KIND_AGGREGATE.into(),
+            timestamp_ms: 0,
+            payload: serde_json::to_vec(&batch).unwrap(),
+            prev_hash: [0; 32],
+            hash: [1; 32],
+        });
+        assert_eq!(state.arms["arm-001"].samples_aggregated, 10);
+        assert_eq!(state.arms["arm-002"].aggregates, 1);
+        assert!(!state.arms.contains_key(AGGREGATE_STREAM));
+        assert_eq!(state.position, 1);
     }
 
     #[test]

@@ -8,8 +8,11 @@ use crate::support;
 
 #[tokio::test]
 async fn arm_sim_drives_the_controller_without_errors() {
-    let Some(stack) =
-        support::start("arm-sim", &["--arm-count", "20", "--sensor-timeout-ms", "1000"]).await
+    let Some(stack) = support::start(
+        "arm-sim",
+        &["--arm-count", "20", "--sensor-timeout-ms", "1000", "--aggregate-interval-ms", "200"],
+    )
+    .await
     else {
         return;
     };
@@ -50,4 +53,8 @@ async fn arm_sim_drives_the_controller_without_errors() {
     }
     let (_, verify) = stack.svc.get_json("/log/verify").await.unwrap();
     assert_eq!(verify["ok"], true);
+    // Sensor aggregates were committed (one batch event per interval).
+    assert!(
+        support::metric(&stack.svc, "keel_arm_commits_total", "sensor.aggregates").await >= 5.0
+    );
 }
