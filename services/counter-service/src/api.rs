@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use crdt_sync::{DocId, Error as CrdtError, Update};
@@ -221,7 +221,12 @@ async fn get_set(
 }
 
 /// Sync-layer figures for operators and the bench: lag percentiles, counters, log position.
-async fn debug_sync(State(engine): State<Arc<Engine>>) -> Result<ApiJson<Value>, ApiError> {
+/// `?docs=true` adds each document's saved size (costs a save of each).
+async fn debug_sync(
+    State(engine): State<Arc<Engine>>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let with_docs = query.get("docs").is_some_and(|v| v == "true");
     blocking(move || {
         let metrics = engine.read(|r| r.metrics());
         let mut body = json!({
@@ -234,6 +239,12 @@ async fn debug_sync(State(engine): State<Arc<Engine>>) -> Result<ApiJson<Value>,
             "folded_ops": metrics.folded_ops,
             "disk_bytes": engine.disk_bytes(),
         });
+        if with_docs {
+            let docs: BTreeMap<String, usize> = engine.read(|r| {
+                r.docs().iter().filter_map(|d| Some((d.to_string(), r.doc_bytes(d)?))).collect()
+            });
+            body["doc_bytes"] = json!(docs);
+        }
         if let Some(synced) = engine.synced() {
             let mut lag = synced.lag_samples_ms();
             lag.sort_unstable();

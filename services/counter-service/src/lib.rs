@@ -2,6 +2,7 @@
 //! (crdt-sync) over NATS JetStream. `run` wires config, recovery, NATS and the router.
 
 pub mod api;
+pub mod catchup;
 pub mod engine;
 pub mod nats;
 pub mod oplog;
@@ -156,17 +157,24 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 /// Runs an anti-entropy round whenever the NATS connection comes back.
 async fn watch_reconnects(engine: Arc<Engine>, client: async_nats::Client) {
     use async_nats::connection::State;
-    let mut was_connected = true;
+    let mut lost_at_ms: Option<u64> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(RECONNECT_WATCH_MS)).await;
         let connected = client.connection_state() == State::Connected;
-        if connected && !was_connected {
-            tracing::info!("nats back: anti-entropy round");
-            if let Some(synced) = engine.synced() {
-                synced.reconnected();
+        match (connected, lost_at_ms) {
+            (false, None) => lost_at_ms = Some(crdt_sync::sync::now_ms()),
+            (true, Some(since_ms)) => {
+                lost_at_ms = None;
+                match catchup::catch_up(engine.clone(), client.clone(), since_ms).await {
+                    Ok(read) => tracing::info!(read, "nats back: caught up from the stream"),
+                    Err(err) => tracing::warn!(error = %err, "catch-up from the stream failed"),
+                }
+                if let Some(synced) = engine.synced() {
+                    synced.reconnected();
+                }
             }
+            _ => {}
         }
-        was_connected = connected;
     }
 }
 

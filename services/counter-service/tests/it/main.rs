@@ -1,3 +1,8 @@
 //! Integration tests of the real `counter-service` binary, driven through testkit.
 
+mod arm;
+mod bad_input;
+mod crash;
 mod lifecycle;
+mod partition;
+mod support;
