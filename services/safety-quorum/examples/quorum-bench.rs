@@ -504,7 +504,7 @@ impl Etcd {
             children: vec![None, None, None],
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(CONCURRENCY * 2)
-                .timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
                 .build()?,
         };
         for i in 0..3 {
@@ -676,8 +676,11 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("floors ...");
     report["floor_tcp_round_trip"] = floor_tcp_round_trip(10_000)?;
+    progress(&args, &report, "floor_tcp_round_trip")?;
     report["floor_fsync_4k"] = floor_fsync(tmp.path(), 2_000)?;
+    progress(&args, &report, "floor_fsync_4k")?;
     report["floor_fsync_append_4k"] = floor_fsync_append(tmp.path(), 2_000)?;
+    progress(&args, &report, "floor_fsync_append_4k")?;
 
     eprintln!("safety-quorum: starting 3 members ...");
     let quorum = Quorum::start().await?;
@@ -695,10 +698,12 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
         report["floor_http_round_trip"] = summary(&mut samples);
+        progress(&args, &report, "floor_http_round_trip")?;
     }
     let q = Arc::new(quorum);
     eprintln!("safety-quorum: commit latency ...");
     report["quorum_engage_single"] = quorum_latency(&q, leader, 1, args.single, "single").await?;
+    progress(&args, &report, "quorum_engage_single")?;
     report["quorum_engage_64"] =
         quorum_latency(&q, leader, CONCURRENCY, args.concurrent, "c64").await?;
     let follower = (leader + 1) % 3;
@@ -710,10 +715,12 @@ async fn main() -> anyhow::Result<()> {
     let mut quorum = Arc::into_inner(q).context("quorum still shared")?;
     eprintln!("safety-quorum: failover, {} trials ...", args.failover_trials);
     report["quorum_failover"] = quorum_failover(&mut quorum, args.failover_trials).await?;
+    progress(&args, &report, "quorum_failover")?;
     let leader = quorum.settled(&[0, 1, 2]).await?;
     let q = Arc::new(quorum);
     eprintln!("safety-quorum: memory after {} entries ...", args.entries);
     report["quorum_memory"] = quorum_memory(&q, leader, args.entries).await?;
+    progress(&args, &report, "quorum_memory")?;
     drop(q);
 
     if args.etcd {
@@ -723,18 +730,31 @@ async fn main() -> anyhow::Result<()> {
         let e = Arc::new(etcd);
         eprintln!("etcd: put latency ...");
         report["etcd_put_single"] = etcd_latency(&e, leader, 1, args.single, "single").await?;
+        progress(&args, &report, "etcd_put_single")?;
         report["etcd_put_64"] =
             etcd_latency(&e, leader, CONCURRENCY, args.concurrent, "c64").await?;
         let mut etcd = Arc::into_inner(e).context("etcd still shared")?;
         eprintln!("etcd: failover, {} trials ...", args.failover_trials);
         report["etcd_failover"] = etcd_failover(&mut etcd, args.failover_trials).await?;
+        progress(&args, &report, "etcd_failover")?;
     }
 
     report["floor_fsync_4k_end"] = floor_fsync(tmp.path(), 2_000)?;
+    progress(&args, &report, "floor_fsync_4k_end")?;
     report["floor_tcp_round_trip_end"] = floor_tcp_round_trip(10_000)?;
+    progress(&args, &report, "floor_tcp_round_trip_end")?;
     print_table(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// Prints one result as it lands and saves everything so far (a later failure keeps it).
+fn progress(args: &Args, report: &Value, key: &str) -> anyhow::Result<()> {
+    eprintln!("  {key}: {}", report[key]);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)?;
     }
     Ok(())
 }
