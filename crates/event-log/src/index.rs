@@ -10,9 +10,55 @@ use crate::record::Hash;
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// `streams`: stream name -> its last version.
 pub(crate) const STREAMS: TableDefinition<'_, &str, u64> = TableDefinition::new("streams");
-/// `stream_events`: (stream, version) -> position.
-pub(crate) const STREAM_EVENTS: TableDefinition<'_, (&str, u64), u64> =
-    TableDefinition::new("stream_events");
+/// `stream_chunks`: (stream, first version) -> the positions of versions `first..first + n`
+/// (a chunk: the first position as a LEB128 varint, then each next one as a varint delta).
+/// One entry per stream per index write instead of one per event.
+pub(crate) const STREAM_CHUNKS: TableDefinition<'_, (&str, u64), &[u8]> =
+    TableDefinition::new("stream_chunks");
+/// Most versions in one `stream_chunks` entry (bounds the decoding of a cold stream read).
+pub(crate) const STREAM_CHUNK_MAX_EVENTS: u64 = 4096;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The positions of a `stream_chunks` value, in version order; `None` if malformed.
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let mut last = 0u64;
+    while at < bytes.len() {
+        let mut v = 0u64;
+        let mut shift = 0u32;
+        loop {
+            let b = *bytes.get(at)?;
+            at += 1;
+            if shift > 63 {
+                return None;
+            }
+            v |= u64::from(b & 0x7F) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        last = if out.is_empty() { v } else { last.checked_add(v)? };
+        out.push(last);
+    }
+    Some(out)
+}
+
+/// A chunk being built: versions `first..=last`, positions encoded in `bytes`.
+struct ChunkBuilder {
+    first: u64,
+    last: u64,
+    last_position: u64,
+    bytes: Vec<u8>,
+}
 /// `event_ids`: event id as a big-endian u128 (time-ordered for UUIDv7) -> position.
 pub(crate) const EVENT_IDS: TableDefinition<'_, u128, u64> = TableDefinition::new("event_ids");
 /// `offsets`: every [`OFFSET_INDEX_EVERY_EVENTS`]th position -> where its record starts
@@ -99,6 +145,51 @@ pub(crate) fn locate(db: &redb::Database, position: u64) -> Result<Option<(u64, 
     Ok(Locator::decode(v.value()).map(|l| (k.value(), l)))
 }
 
+/// Positions of `stream`'s versions from `from_version` on (at most `max_count`), in version
+/// order, from `stream_chunks`.
+pub(crate) fn stream_positions(
+    db: &redb::Database,
+    stream: &str,
+    from_version: u64,
+    max_count: usize,
+) -> Result<Vec<(u64, u64)>> {
+    let txn = db.begin_read().map_err(index("begin read"))?;
+    let table = txn.open_table(STREAM_CHUNKS).map_err(index("open stream_chunks"))?;
+    let mut out = Vec::new();
+    let push_chunk = |first: u64, bytes: &[u8], out: &mut Vec<(u64, u64)>| -> Result<()> {
+        let positions = decode_chunk(bytes).ok_or_else(|| crate::error::Error::Index {
+            op: "read stream",
+            message: format!("malformed chunk of {stream} at version {first}"),
+        })?;
+        for (i, position) in positions.into_iter().enumerate() {
+            let version = first + i as u64;
+            if version >= from_version && out.len() < max_count {
+                out.push((version, position));
+            }
+        }
+        Ok(())
+    };
+    // The chunk that holds `from_version`, if it starts before it.
+    if from_version > 0 {
+        let mut before =
+            table.range((stream, 0)..(stream, from_version)).map_err(index("range stream"))?;
+        if let Some(item) = before.next_back() {
+            let (k, v) = item.map_err(index("read stream"))?;
+            push_chunk(k.value().1, v.value(), &mut out)?;
+        }
+    }
+    let range =
+        table.range((stream, from_version)..=(stream, u64::MAX)).map_err(index("range stream"))?;
+    for item in range {
+        if out.len() >= max_count {
+            break;
+        }
+        let (k, v) = item.map_err(index("read stream"))?;
+        push_chunk(k.value().1, v.value(), &mut out)?;
+    }
+    Ok(out)
+}
+
 /// One event's index entries.
 #[derive(Debug, Clone)]
 pub(crate) struct IndexEntry {
@@ -131,7 +222,7 @@ pub(crate) fn init(db: &redb::Database) -> Result<()> {
         let txn = db.begin_read().map_err(index("begin read"))?;
         let present = txn.open_table(META).is_ok()
             && txn.open_table(STREAMS).is_ok()
-            && txn.open_table(STREAM_EVENTS).is_ok()
+            && txn.open_table(STREAM_CHUNKS).is_ok()
             && txn.open_table(EVENT_IDS).is_ok()
             && txn.open_table(CURSORS).is_ok()
             && txn.open_table(OFFSETS).is_ok();
@@ -143,7 +234,7 @@ pub(crate) fn init(db: &redb::Database) -> Result<()> {
     {
         txn.open_table(META).map_err(index("open meta"))?;
         txn.open_table(STREAMS).map_err(index("open streams"))?;
-        txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
+        txn.open_table(STREAM_CHUNKS).map_err(index("open stream_chunks"))?;
         txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
         txn.open_table(CURSORS).map_err(index("open cursors"))?;
         txn.open_table(OFFSETS).map_err(index("open offsets"))?;
@@ -180,8 +271,8 @@ pub(crate) fn write_batch(
     }
     {
         let mut streams = txn.open_table(STREAMS).map_err(index("open streams"))?;
-        let mut stream_events =
-            txn.open_table(STREAM_EVENTS).map_err(index("open stream_events"))?;
+        let mut stream_chunks =
+            txn.open_table(STREAM_CHUNKS).map_err(index("open stream_chunks"))?;
         let mut ids = txn.open_table(EVENT_IDS).map_err(index("open event_ids"))?;
         let mut offsets = txn.open_table(OFFSETS).map_err(index("open offsets"))?;
         for entry in entries {
@@ -190,10 +281,44 @@ pub(crate) fn write_batch(
                     .insert(entry.position, locator.encode().as_slice())
                     .map_err(index("insert offset"))?;
             }
-            stream_events
-                .insert((entry.stream.as_str(), entry.stream_version), entry.position)
-                .map_err(index("insert stream event"))?;
             ids.insert(id_key(&entry.event_id), entry.position).map_err(index("insert id"))?;
+        }
+        // Stream entries: one chunk per run of consecutive versions of a stream.
+        let mut open: std::collections::HashMap<&str, ChunkBuilder> =
+            std::collections::HashMap::new();
+        let mut done: Vec<(&str, ChunkBuilder)> = Vec::new();
+        for entry in entries {
+            let stream = entry.stream.as_str();
+            if let Some(chunk) = open.get_mut(stream) {
+                if chunk.last + 1 == entry.stream_version
+                    && entry.position > chunk.last_position
+                    && chunk.last + 1 - chunk.first < STREAM_CHUNK_MAX_EVENTS
+                {
+                    put_varint(&mut chunk.bytes, entry.position - chunk.last_position);
+                    chunk.last = entry.stream_version;
+                    chunk.last_position = entry.position;
+                    continue;
+                }
+                let full = open.remove(stream).expect("present");
+                done.push((stream, full));
+            }
+            let mut bytes = Vec::with_capacity(64);
+            put_varint(&mut bytes, entry.position);
+            open.insert(
+                stream,
+                ChunkBuilder {
+                    first: entry.stream_version,
+                    last: entry.stream_version,
+                    last_position: entry.position,
+                    bytes,
+                },
+            );
+        }
+        done.extend(open);
+        for (stream, chunk) in &done {
+            stream_chunks
+                .insert((*stream, chunk.first), chunk.bytes.as_slice())
+                .map_err(index("insert stream chunk"))?;
         }
         // Last version per stream: entries come in position order, so the last one wins.
         let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
@@ -218,9 +343,15 @@ pub(crate) fn write_batch(
                 .filter_map(|r| r.ok().map(|(k, _)| k.value().to_owned()))
                 .collect();
             for name in names {
-                stream_events
-                    .retain_in((name.as_str(), 0)..(name.as_str(), u64::MAX), |_, pos| pos >= floor)
-                    .map_err(index("prune stream events"))?;
+                // A chunk goes when its last position is compacted away; a chunk that
+                // straddles the floor stays (reads skip its compacted positions).
+                stream_chunks
+                    .retain_in((name.as_str(), 0)..=(name.as_str(), u64::MAX), |_, chunk| {
+                        decode_chunk(chunk)
+                            .and_then(|p| p.last().copied())
+                            .is_some_and(|p| p >= floor)
+                    })
+                    .map_err(index("prune stream chunks"))?;
             }
         }
         let mut meta = txn.open_table(META).map_err(index("open meta"))?;
@@ -234,6 +365,20 @@ pub(crate) fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_round_trip() {
+        let mut bytes = Vec::new();
+        put_varint(&mut bytes, 1_000_000);
+        for d in [1u64, 64, 300, 1 << 40] {
+            put_varint(&mut bytes, d);
+        }
+        assert_eq!(
+            decode_chunk(&bytes),
+            Some(vec![1_000_000, 1_000_001, 1_000_065, 1_000_365, 1_000_365 + (1 << 40)])
+        );
+        assert_eq!(decode_chunk(&[0x80]), None);
+    }
 
     #[test]
     fn checkpoint_round_trips_and_id_keys_are_time_ordered() {

@@ -10,17 +10,20 @@ pub const GENESIS_HASH: Hash = [0; 32];
 
 /// Bytes before a record's body: `u32` body length and `u32` CRC-32 of the body.
 pub const RECORD_PREFIX_BYTES: usize = 8;
-/// Fixed bytes of a record body besides stream, kind and payload.
-pub const RECORD_FIXED_BODY_BYTES: usize = 8 + 8 + 8 + 16 + 1 + 1 + 1 + 4 + 32;
+/// Smallest possible record body: one-byte varints, empty stream, kind and payload.
+pub const RECORD_MIN_BODY_BYTES: usize = 1 + 1 + 16 + 1 + 1 + 1 + 1 + 32;
+/// Largest encoding of the fixed fields (varints at their longest) besides stream, kind and
+/// payload: `stream_version` and `timestamp_ms` up to 10 bytes, `payload_len` up to 5.
+pub const RECORD_MAX_FIXED_BODY_BYTES: usize = 10 + 10 + 16 + 1 + 1 + 1 + 5 + 32;
 /// Record flag: more records of the same atomic batch follow this one.
 pub const FLAG_BATCH_CONTINUES: u8 = 1;
 
 /// Segment file header size; records start right after it.
 pub const SEGMENT_HEADER_BYTES: usize = 64;
 /// Magic at the start of every segment file.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"KEELSEG1";
+pub const SEGMENT_MAGIC: &[u8; 8] = b"KEELSEG2";
 /// Version of the segment and record format.
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+pub const SEGMENT_FORMAT_VERSION: u32 = 2;
 
 /// Domain tag at the start of every hash input.
 const HASH_DOMAIN: &[u8] = b"keel.event.v1";
@@ -95,35 +98,104 @@ impl Event {
     }
 }
 
-/// Size of a whole encoded record (prefix + body).
+/// Largest size of a whole encoded record (prefix + body) with these fields, whatever its
+/// version and timestamp: the size limits are checked against it.
 pub fn record_len(stream: &str, kind: &str, payload_len: usize) -> usize {
-    RECORD_PREFIX_BYTES + RECORD_FIXED_BODY_BYTES + stream.len() + kind.len() + payload_len
+    RECORD_PREFIX_BYTES + RECORD_MAX_FIXED_BODY_BYTES + stream.len() + kind.len() + payload_len
 }
 
-/// Appends the encoding of `event` to `out`.
+/// Exact size of the encoded record of `event` (prefix + body).
+pub fn encoded_len(event: &Event) -> usize {
+    RECORD_PREFIX_BYTES
+        + varint_len(event.stream_version)
+        + varint_len(event.timestamp_ms)
+        + 16
+        + 1
+        + 1
+        + event.stream.len()
+        + 1
+        + event.kind.len()
+        + varint_len(event.payload.len() as u64)
+        + event.payload.len()
+        + 32
+}
+
+/// Bytes of the LEB128 encoding of `v`.
+pub fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The fields of one record, borrowed (the writer encodes without building an [`Event`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordFields<'a> {
+    /// Its stream.
+    pub stream: &'a str,
+    /// Its version within the stream.
+    pub stream_version: u64,
+    /// The caller's id.
+    pub event_id: &'a [u8; 16],
+    /// The kind.
+    pub kind: &'a str,
+    /// Writer timestamp, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// The chain hash of this event.
+    pub hash: &'a Hash,
+}
+
+/// Appends the encoding of `event` to `out` (its position is not stored: it is implied by the
+/// record's place in the segment).
 pub fn encode_record(event: &Event, flags: u8, out: &mut Vec<u8>) {
+    encode_fields(
+        &RecordFields {
+            stream: &event.stream,
+            stream_version: event.stream_version,
+            event_id: &event.event_id,
+            kind: &event.kind,
+            timestamp_ms: event.timestamp_ms,
+            payload: &event.payload,
+            hash: &event.hash,
+        },
+        flags,
+        out,
+    );
+}
+
+/// Appends the encoding of one record to `out`.
+pub fn encode_fields(f: &RecordFields<'_>, flags: u8, out: &mut Vec<u8>) {
     let start = out.len();
+    out.reserve(
+        RECORD_PREFIX_BYTES
+            + RECORD_MAX_FIXED_BODY_BYTES
+            + f.stream.len()
+            + f.kind.len()
+            + f.payload.len(),
+    );
     out.extend_from_slice(&[0; RECORD_PREFIX_BYTES]);
-    out.extend_from_slice(&event.position.to_le_bytes());
-    out.extend_from_slice(&event.stream_version.to_le_bytes());
-    out.extend_from_slice(&event.timestamp_ms.to_le_bytes());
-    out.extend_from_slice(&event.event_id);
+    put_varint(out, f.stream_version);
+    put_varint(out, f.timestamp_ms);
+    out.extend_from_slice(f.event_id);
     out.push(flags);
-    out.push(event.stream.len() as u8);
-    out.extend_from_slice(event.stream.as_bytes());
-    out.push(event.kind.len() as u8);
-    out.extend_from_slice(event.kind.as_bytes());
-    out.extend_from_slice(&(event.payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&event.payload);
-    out.extend_from_slice(&event.hash);
+    out.push(f.stream.len() as u8);
+    out.extend_from_slice(f.stream.as_bytes());
+    out.push(f.kind.len() as u8);
+    out.extend_from_slice(f.kind.as_bytes());
+    put_varint(out, f.payload.len() as u64);
+    out.extend_from_slice(f.payload);
+    out.extend_from_slice(f.hash);
     let body_len = out.len() - start - RECORD_PREFIX_BYTES;
     let crc = crc32fast::hash(&out[start + RECORD_PREFIX_BYTES..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(
-        out.len() - start,
-        record_len(&event.stream, &event.kind, event.payload.len())
-    );
 }
 
 /// What a record prefix says about the bytes that follow it.
@@ -142,7 +214,7 @@ pub fn parse_prefix(prefix: &[u8; RECORD_PREFIX_BYTES], max_body_bytes: usize) -
     if body_len == 0 && crc == 0 {
         return Some(Prefix::End);
     }
-    if !(RECORD_FIXED_BODY_BYTES..=max_body_bytes).contains(&body_len) {
+    if !(RECORD_MIN_BODY_BYTES..=max_body_bytes).contains(&body_len) {
         return None;
     }
     Some(Prefix::Body { body_len, crc })
@@ -157,27 +229,23 @@ pub struct DecodedRecord {
     pub flags: u8,
 }
 
-/// Decodes a record body whose CRC has been checked; `None` if it is malformed.
-pub fn decode_body(body: &[u8]) -> Option<DecodedRecord> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let slice = body.get(at..at + n)?;
-        at += n;
-        Some(slice)
-    };
-    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let position = u64_at(take(8)?);
-    let stream_version = u64_at(take(8)?);
-    let timestamp_ms = u64_at(take(8)?);
-    let event_id: [u8; 16] = take(16)?.try_into().ok()?;
-    let flags = take(1)?[0];
-    let stream_len = take(1)?[0] as usize;
-    let stream = std::str::from_utf8(take(stream_len)?).ok()?.to_owned();
-    let kind_len = take(1)?[0] as usize;
-    let kind = std::str::from_utf8(take(kind_len)?).ok()?.to_owned();
-    let payload_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-    let payload = take(payload_len)?.to_vec();
-    let hash: Hash = take(32)?.try_into().ok()?;
+/// Decodes a record body whose CRC has been checked, at `position` (the place of the record in
+/// its segment: the segment's first position plus the records before it); `None` if it is
+/// malformed.
+pub fn decode_body(body: &[u8], position: u64) -> Option<DecodedRecord> {
+    let mut r = Cursor { body, at: 0 };
+    let stream_version = r.varint()?;
+    let timestamp_ms = r.varint()?;
+    let event_id: [u8; 16] = r.take(16)?.try_into().ok()?;
+    let flags = r.take(1)?[0];
+    let stream_len = r.take(1)?[0] as usize;
+    let stream = std::str::from_utf8(r.take(stream_len)?).ok()?.to_owned();
+    let kind_len = r.take(1)?[0] as usize;
+    let kind = std::str::from_utf8(r.take(kind_len)?).ok()?.to_owned();
+    let payload_len = usize::try_from(r.varint()?).ok()?;
+    let payload = r.take(payload_len)?.to_vec();
+    let hash: Hash = r.take(32)?.try_into().ok()?;
+    let at = r.at;
     if at != body.len() {
         return None;
     }
@@ -195,6 +263,38 @@ pub fn decode_body(body: &[u8]) -> Option<DecodedRecord> {
         },
         flags,
     })
+}
+
+struct Cursor<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let slice = self.body.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(slice)
+    }
+
+    /// A canonical LEB128 `u64` (no redundant trailing zero groups, no overflow).
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.take(1)?[0];
+            if i == 9 && b > 1 {
+                return None;
+            }
+            v |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return None;
+                }
+                return Some(v);
+            }
+        }
+        None
+    }
 }
 
 /// A segment file header: the first position the segment holds and the hash before it.
@@ -263,13 +363,14 @@ mod tests {
         let e = sample();
         let mut buf = Vec::new();
         encode_record(&e, FLAG_BATCH_CONTINUES, &mut buf);
-        assert_eq!(buf.len(), record_len("arm-1", "plan", 5));
+        assert_eq!(buf.len(), encoded_len(&e));
+        assert!(buf.len() <= record_len("arm-1", "plan", 5));
         let prefix: [u8; 8] = buf[..8].try_into().unwrap();
         let Some(Prefix::Body { body_len, crc }) = parse_prefix(&prefix, 1 << 20) else {
             panic!("bad prefix")
         };
         assert_eq!(crc, crc32fast::hash(&buf[8..8 + body_len]));
-        let decoded = decode_body(&buf[8..]).unwrap();
+        let decoded = decode_body(&buf[8..], 7).unwrap();
         assert_eq!(decoded.flags, FLAG_BATCH_CONTINUES);
         assert_eq!(Event { prev_hash: e.prev_hash, ..decoded.event }, e);
         for i in 8..buf.len() {
@@ -277,6 +378,31 @@ mod tests {
             bad[i] ^= 0x10;
             assert_ne!(crc32fast::hash(&bad[8..]), crc, "byte {i}");
         }
+    }
+
+    #[test]
+    fn varints_round_trip_at_every_length() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, 1_700_000_000_000, u64::MAX] {
+            let mut e = sample();
+            e.stream_version = v;
+            e.timestamp_ms = v;
+            let mut buf = Vec::new();
+            encode_record(&e, 0, &mut buf);
+            assert_eq!(buf.len(), encoded_len(&e), "{v}");
+            let mut one = Vec::new();
+            put_varint(&mut one, v);
+            assert_eq!(varint_len(v), one.len(), "{v}");
+            let decoded = decode_body(&buf[8..], 7).unwrap();
+            assert_eq!(decoded.event.stream_version, v);
+            assert_eq!(decoded.event.timestamp_ms, v);
+        }
+        // A non-canonical varint (a redundant zero group) is malformed.
+        let mut buf = Vec::new();
+        encode_record(&sample(), 0, &mut buf);
+        let mut body = buf[8..].to_vec();
+        body[0] |= 0x80;
+        body.insert(1, 0);
+        assert!(decode_body(&body, 7).is_none());
     }
 
     #[test]

@@ -156,8 +156,12 @@ impl<'a> SegmentReader<'a> {
         Ok(Some(&self.buf[from..from + len]))
     }
 
-    /// The next record, or why there is none. I/O errors are returned as `Err`.
-    pub(crate) fn next_record(&mut self) -> std::io::Result<Result<RawRecord, RecordFault>> {
+    /// The next record, which must be the one at `position`, or why there is none. I/O errors
+    /// are returned as `Err`.
+    pub(crate) fn next_record(
+        &mut self,
+        position: u64,
+    ) -> std::io::Result<Result<RawRecord, RecordFault>> {
         let offset = self.offset;
         let max_body = self.max_body_bytes;
         let Some(prefix) = self.bytes(offset, RECORD_PREFIX_BYTES)? else {
@@ -176,7 +180,7 @@ impl<'a> SegmentReader<'a> {
         if crc32fast::hash(body) != crc {
             return Ok(Err(RecordFault::Damaged("record checksum mismatch")));
         }
-        let Some(decoded) = record::decode_body(body) else {
+        let Some(decoded) = record::decode_body(body, position) else {
             return Ok(Err(RecordFault::Damaged("record body malformed")));
         };
         let next_offset = body_at + body_len as u64;

@@ -19,7 +19,7 @@ use crate::index::{self, Checkpoint, IndexEntry, Locator};
 use crate::log::Shared;
 use crate::options::{AppendRequest, Appended, CompactReport, Durability, MAX_UNSYNCED_BYTES};
 use crate::record::{
-    self, Event, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
+    self, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
 };
 use crate::segment::{
     CLEAN_MARKER_NAME, PREALLOC_NAME, Segment, TEMP_SUFFIX, ZERO_CHUNK_BYTES, segment_name,
@@ -385,19 +385,8 @@ impl Writer {
     fn stage_event(&mut self, request: &AppendRequest, version: u64, flags: u8) -> Appended {
         let position = self.position + 1;
         let timestamp_ms = self.timestamp();
-        let mut event = Event {
-            position,
-            stream: request.stream.clone(),
-            stream_version: version,
-            event_id: request.event_id,
-            kind: request.kind.clone(),
-            timestamp_ms,
-            payload: Vec::new(),
-            prev_hash: self.hash,
-            hash: [0; 32],
-        };
-        event.hash = record::event_hash(
-            &event.prev_hash,
+        let hash = record::event_hash(
+            &self.hash,
             position,
             &request.stream,
             version,
@@ -406,15 +395,30 @@ impl Writer {
             timestamp_ms,
             &request.payload,
         );
-        // Encode without cloning the payload into the event.
-        event.payload = request.payload.clone();
         let start = self.buf.len();
-        record::encode_record(&event, flags, &mut self.buf);
+        record::encode_fields(
+            &record::RecordFields {
+                stream: &request.stream,
+                stream_version: version,
+                event_id: &request.event_id,
+                kind: &request.kind,
+                timestamp_ms,
+                payload: &request.payload,
+                hash: &hash,
+            },
+            flags,
+            &mut self.buf,
+        );
         self.spans.push(Span { start, end: self.buf.len(), position, prev_hash: self.hash });
-        let appended = Appended { position, stream_version: version, hash: event.hash };
+        let appended = Appended { position, stream_version: version, hash };
         self.position = position;
-        self.hash = event.hash;
-        self.streams.insert(request.stream.clone(), version);
+        self.hash = hash;
+        match self.streams.get_mut(request.stream.as_str()) {
+            Some(v) => *v = version,
+            None => {
+                self.streams.insert(request.stream.clone(), version);
+            }
+        }
         self.recent_ids.insert(request.event_id, appended);
         self.recent_order.push_back((request.event_id, position));
         self.max_id_key = self.max_id_key.max(index::id_key(&request.event_id));

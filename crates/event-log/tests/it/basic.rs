@@ -262,7 +262,7 @@ fn torn_tail_on_a_real_file_is_cut_and_zeroed() {
     }
     let segment = log.segment_paths().pop().unwrap();
     let (_, end) = log.locate(10).unwrap();
-    let end = end + event_log::record::record_len("s", "test", 50) as u64;
+    let end = end + event_log::record::encoded_len(&log.read(10).unwrap().unwrap()) as u64;
     log.close().unwrap();
     drop(log);
     // A clean close leaves the marker; a crash would not have: remove it, then leave a torn

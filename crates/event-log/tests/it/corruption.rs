@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use event_log::EventLog;
-use event_log::record::record_len;
+use event_log::record::encoded_len;
 use event_log::sim::{SimRng, SimVfs};
 
 use crate::support::{request, seed, small_options};
@@ -31,7 +31,7 @@ fn every_single_byte_change_is_found_at_its_position() {
         .iter()
         .map(|e| {
             let (path, offset) = log.locate(e.position).unwrap();
-            (path, offset, record_len(&e.stream, &e.kind, e.payload.len()) as u64)
+            (path, offset, encoded_len(e) as u64)
         })
         .collect();
     assert_eq!(log.verify().unwrap().first_bad, None);
