@@ -353,6 +353,11 @@ async fn quorum_failover(q: &mut Quorum, trials: usize) -> anyhow::Result<Value>
         })
         .await?;
         samples.push(took.as_secs_f64());
+        eprintln!(
+            "    failover trial {trial}: killed member {} -> committed on {} after {took:?}",
+            leader + 1,
+            survivor + 1
+        );
         q.members[leader].restart()?;
         q.members[leader].wait_ready().await?;
     }
