@@ -100,6 +100,7 @@ async fn every_acknowledged_update_survives_sigkill() {
     }
     let acks = acks.lock().unwrap().clone();
     assert!(acks.len() >= 40, "only {} updates acknowledged across {KILLS} kills", acks.len());
+    eprintln!("crash test: {} updates acknowledged across {KILLS} SIGKILLs", acks.len());
 
     // Online: every ack is in the events at its position with its hash; the chain verifies.
     stack.svc.restart().unwrap();
