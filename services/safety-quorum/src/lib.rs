@@ -28,10 +28,6 @@ pub const COMPONENT_RECOVERED: &str = "recovered";
 pub const COMPONENT_RAFT: &str = "raft";
 /// How long shutdown waits for the Raft member to stop.
 pub const STOP_TIMEOUT_MS: u64 = 3_000;
-/// How often histogram samples are folded into their summaries. The Prometheus recorder keeps
-/// every sample until a scrape or an upkeep drains it: without this, an unscraped member's
-/// memory grows with every commit (about 8 bytes each, measured by the bench).
-pub const METRICS_UPKEEP_MS: u64 = 5_000;
 
 /// safety-quorum flags (CONTRACT.md). `--node-id` is this member's Raft id (a number).
 #[derive(Debug, Clone, Parser)]
@@ -179,7 +175,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.common.body_limit_bytes,
         stop.clone(),
     ));
-    let upkeep = tokio::spawn(metrics_upkeep(stop.clone()));
     let http = service_kit::http::with_base(router(app), readiness, (&config.common).into());
     let serving = tokio::spawn(service_kit::http::serve(config.common.http_addr, http, shutdown));
 
@@ -195,24 +190,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_millis(STOP_TIMEOUT_MS), async {
         let _ = publisher.await;
         let _ = responder.await;
-        let _ = upkeep.await;
     })
     .await;
     member.stop(Duration::from_millis(STOP_TIMEOUT_MS)).await;
     let _ = nats.flush().await;
     outcome
-}
-
-/// Drains histogram samples into their summaries every [`METRICS_UPKEEP_MS`] until `stop`.
-async fn metrics_upkeep(stop: Shutdown) {
-    let prometheus = service_kit::metrics::prometheus();
-    let mut interval = tokio::time::interval(Duration::from_millis(METRICS_UPKEEP_MS));
-    loop {
-        tokio::select! {
-            _ = stop.wait() => return,
-            _ = interval.tick() => prometheus.run_upkeep(),
-        }
-    }
 }
 
 /// Microseconds since the Unix epoch.
