@@ -43,10 +43,42 @@ pub fn with_base(app: Router, readiness: Readiness, limits: HttpLimits) -> Route
         .with_state(readiness)
         .route("/metrics", get(move || std::future::ready(prometheus.render())));
     let timeout = Duration::from_millis(limits.request_timeout_ms);
+    let body_limit_bytes = limits.body_limit_bytes;
     app.merge(base)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(req, next, timeout)))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            refuse_declared_oversize(req, next, body_limit_bytes)
+        }))
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+}
+
+/// Answers 413 at once when the declared `Content-Length` exceeds the limit, before any of
+/// the body is read (a handler that reads the body would refuse it anyway, but only after
+/// the client has sent it).
+async fn refuse_declared_oversize(req: Request, next: Next, body_limit_bytes: usize) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > body_limit_bytes as u64 => {
+            let mut response = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("body of {len} bytes exceeds the {body_limit_bytes}-byte limit"),
+            )
+            .into_response();
+            // The unread body makes the connection unusable for another request.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> Response {
@@ -148,6 +180,16 @@ mod tests {
         );
         let big = format!(r#"{{"n": 1, "pad": "{}"}}"#, "x".repeat(4096));
         let (status, body) = call(app.clone(), post_req(big.into_bytes())).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+        );
+        let declared = Request::post("/echo")
+            .header("content-type", "application/json")
+            .header("content-length", "10485760")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(app.clone(), declared).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))

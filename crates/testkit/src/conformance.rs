@@ -38,6 +38,16 @@ pub async fn service_lifecycle(binary: &str, args: &[&str]) -> anyhow::Result<()
         "unknown route: {status} {body}"
     );
 
+    // A body over the default limit is refused by its declared length, with a JSON error.
+    let oversized = vec![b' '; 2 * 1024 * 1024];
+    let resp = svc.http().post(svc.url("/readyz")).body(oversized).send().await?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status == 413 && body["error"] == "body_too_large",
+        "oversized body: {status} {body}"
+    );
+
     let timeout = Duration::from_millis(NATS_STATE_TIMEOUT_MS);
     wait_until("nats: ok", timeout, || async {
         nats_state(&svc).await.filter(|(s, n)| *s == 200 && n == "ok")
