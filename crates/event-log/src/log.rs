@@ -1,6 +1,6 @@
 //! [`EventLog`]: the public handle, opening and recovery, reads, verification and subscriptions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -60,8 +60,9 @@ pub(crate) struct Shared {
     pub head: Mutex<HeadState>,
     pub head_changed: Condvar,
     pub db: redb::Database,
-    /// Durable stream entries not yet written to redb: (stream, version) -> position.
-    pub unindexed: Mutex<BTreeMap<(String, u64), u64>>,
+    /// Durable stream entries not yet written to redb: stream -> (version, position) in
+    /// version order.
+    pub unindexed: Mutex<HashMap<String, VecDeque<(u64, u64)>>>,
     /// Every event up to this position is in redb.
     pub indexed_position: AtomicU64,
     /// Set when an index write failed (the writer then fails the log).
@@ -283,7 +284,7 @@ impl EventLog {
             head: Mutex::new(head),
             head_changed: Condvar::new(),
             db,
-            unindexed: Mutex::new(BTreeMap::new()),
+            unindexed: Mutex::new(HashMap::new()),
             indexed_position: AtomicU64::new(head_position),
             index_error: Mutex::new(None),
             stats: Counters::default(),
@@ -426,9 +427,7 @@ impl EventLog {
         let shared = self.shared();
         let unindexed = {
             let map = shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
-            map.range((stream.to_owned(), 0)..=(stream.to_owned(), u64::MAX))
-                .next_back()
-                .map(|((_, v), _)| *v)
+            map.get(stream).and_then(|q| q.back()).map(|(v, _)| *v)
         };
         let txn = shared.db.begin_read().map_err(index("begin read"))?;
         let table = txn.open_table(index::STREAMS).map_err(index("open streams"))?;
@@ -448,8 +447,7 @@ impl EventLog {
         let mut positions: BTreeMap<u64, u64> = BTreeMap::new();
         {
             let map = shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
-            for ((_, v), p) in
-                map.range((stream.to_owned(), from_version)..=(stream.to_owned(), u64::MAX))
+            for (v, p) in map.get(stream).into_iter().flatten().filter(|(v, _)| *v >= from_version)
             {
                 positions.insert(*v, *p);
             }

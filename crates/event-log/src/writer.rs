@@ -623,7 +623,13 @@ impl Writer {
             {
                 let mut unindexed = self.shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
                 for entry in &entries {
-                    unindexed.insert((entry.stream.clone(), entry.stream_version), entry.position);
+                    let item = (entry.stream_version, entry.position);
+                    match unindexed.get_mut(entry.stream.as_str()) {
+                        Some(queue) => queue.push_back(item),
+                        None => {
+                            unindexed.insert(entry.stream.clone(), VecDeque::from([item]));
+                        }
+                    }
                 }
             }
             self.pending_index.extend(entries);
@@ -875,7 +881,15 @@ fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
                 {
                     let mut unindexed = shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
                     for entry in &job.entries {
-                        unindexed.remove(&(entry.stream.clone(), entry.stream_version));
+                        let Some(queue) = unindexed.get_mut(entry.stream.as_str()) else {
+                            continue;
+                        };
+                        while queue.front().is_some_and(|(v, _)| *v <= entry.stream_version) {
+                            queue.pop_front();
+                        }
+                        if queue.is_empty() {
+                            unindexed.remove(entry.stream.as_str());
+                        }
                     }
                 }
                 shared.indexed_position.fetch_max(job.checkpoint.position, Ordering::Release);
