@@ -42,7 +42,8 @@ trap 'stop_all 0' INT TERM
 start() { # name logfile command...
     local name=$1 log=$2
     shift 2
-    "$@" >>"$log" 2>&1 &
+    # Own session: a Ctrl-C reaches only this script, which then stops everyone in order.
+    setsid "$@" >>"$log" 2>&1 &
     pids+=($!)
     names+=("$name")
 }

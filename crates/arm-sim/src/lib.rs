@@ -366,7 +366,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), task).await;
     }
-    let _ = nats.flush().await;
+    // Bounded: with nats-server gone a plain flush waits for a reconnection forever.
+    let _ = tokio::time::timeout(Duration::from_millis(1_000), nats.flush()).await;
     // Give the controller a moment to fold what is in flight before reading its counter.
     let samples_sent = shared.samples.load(Ordering::Relaxed);
     let mut samples_received = None;

@@ -16,6 +16,18 @@ pub const RECONNECT_DELAY_MS_MAX: u64 = 2_000;
 /// Time limit for one connection attempt.
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 
+/// How long a service waits, on its way out, for NATS to take what it buffered.
+pub const FLUSH_ON_EXIT_TIMEOUT_MS: u64 = 1_000;
+
+/// Flushes `client` but gives up after [`FLUSH_ON_EXIT_TIMEOUT_MS`]: with the server gone a
+/// plain `flush` waits for a reconnection that may never come, and a shutdown must not hang.
+pub async fn flush_on_exit(client: &async_nats::Client) {
+    let flush = client.flush();
+    if tokio::time::timeout(Duration::from_millis(FLUSH_ON_EXIT_TIMEOUT_MS), flush).await.is_err() {
+        tracing::warn!("nats flush on exit timed out (server unreachable)");
+    }
+}
+
 /// Reconnect delay after `attempts` failed attempts.
 pub fn backoff(attempts: usize) -> Duration {
     let exp = attempts.min(16) as u32;

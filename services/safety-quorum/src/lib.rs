@@ -193,7 +193,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     })
     .await;
     member.stop(Duration::from_millis(STOP_TIMEOUT_MS)).await;
-    let _ = nats.flush().await;
+    service_kit::nats::flush_on_exit(&nats).await;
     outcome
 }
 
