@@ -89,6 +89,9 @@ pub struct Engine {
     synced: OnceLock<SyncedReplica<Log>>,
     snapshots: Mutex<Snapshotter>,
     snapshot_position: AtomicU64,
+    /// Held by the batcher while it commits, and by `close`: the log is never closed under
+    /// a commit in flight.
+    commit_gate: Mutex<bool>,
     increments: mpsc::Sender<IncrementRequest>,
 }
 
@@ -160,6 +163,7 @@ impl Engine {
             synced: OnceLock::new(),
             snapshots: Mutex::new(snapshots),
             snapshot_position: AtomicU64::new(snapshot_position),
+            commit_gate: Mutex::new(false),
             increments,
         });
         let batcher = engine.clone();
@@ -315,8 +319,11 @@ impl Engine {
             .save(&CrdtSnapshot { bytes: snapshot.bytes }, at)?;
         self.snapshot_position.store(snapshot.covers_position, Ordering::Release);
         metrics::gauge!("keel_counter_snapshot_bytes").set(info.len_bytes as f64);
-        // Whole segments below the snapshot go; the snapshot is durable already.
-        self.log.event_log().compact(snapshot.covers_position + 1)?;
+        // Compact below the previous snapshot, not this one: if this one is ever unreadable,
+        // recovery falls back to the previous snapshot and still finds the log after it.
+        if last > 0 {
+            self.log.event_log().compact(last + 1)?;
+        }
         tracing::info!(
             position = snapshot.covers_position,
             len_bytes = info.len_bytes,
@@ -332,6 +339,8 @@ impl Engine {
 
     /// Closes the log cleanly (after the batcher drained).
     pub fn close(&self) {
+        let mut closed = self.commit_gate.lock().unwrap_or_else(|e| e.into_inner());
+        *closed = true;
         if let Err(err) = self.log.event_log().close() {
             tracing::warn!(error = %err, "closing the op log");
         }
@@ -358,6 +367,11 @@ impl Engine {
 
     /// Applies `items` to `doc` under one replica lock and one group commit, then answers.
     fn commit_increments(&self, doc: &DocId, items: Vec<IncrementRequest>) {
+        let closed = self.commit_gate.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            // Shutting down: the callers see the queue gone (503) and retry elsewhere.
+            return;
+        }
         let count = items.len();
         let mut outcomes: Vec<Result<(i64, bool), CrdtError>> = Vec::with_capacity(count);
         let log = self.log.clone();

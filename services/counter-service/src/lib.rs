@@ -134,12 +134,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         sync_readiness.set("sync", ComponentState::Ok);
         watch_reconnects(sync_engine, sync_client).await;
     });
-    tokio::spawn(nats::serve_increments(engine.clone(), client.clone()));
+    let nats_increments = tokio::spawn(nats::serve_increments(engine.clone(), client.clone()));
     tokio::spawn(housekeeping(engine.clone()));
 
     let app =
         service_kit::http::with_base(router(engine.clone()), readiness, (&config.common).into());
     let served = service_kit::http::serve(config.common.http_addr, app, shutdown).await;
+    nats_increments.abort();
     if let Some(synced) = engine.synced() {
         synced.stop();
     }

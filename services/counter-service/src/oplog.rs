@@ -157,7 +157,11 @@ impl OpLog for EventOpLog {
                 .read_range(next, REPLAY_CHUNK_EVENTS)
                 .map_err(|err| CrdtError::from(storage(err)))?;
             if events.is_empty() {
-                break;
+                // The head says there is more: never stop a replay short silently.
+                return Err(OpLogError::Storage(format!(
+                    "log head is {head} but nothing could be read at position {next}"
+                ))
+                .into());
             }
             for event in events {
                 if event.position != next {
