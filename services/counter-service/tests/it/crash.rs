@@ -88,8 +88,9 @@ async fn acknowledged_increments_survive_sigkill_and_count_once() {
     assert_eq!(
         before,
         after,
-        "re-sending the {} increments b acknowledged before SIGKILL must change nothing",
-        acked_by_b.len()
+        "re-sending the {} increments b acknowledged before SIGKILL must change nothing\n{}",
+        acked_by_b.len(),
+        replicas[1].log_tail(40)
     );
 
     proxy.restore();
