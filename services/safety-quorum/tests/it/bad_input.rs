@@ -41,6 +41,13 @@ async fn bad_requests_get_4xx_and_nothing_is_proposed() {
     let spec = ServiceSpec::new(BIN, nats.url()).args(["--node-id", "1", "--peers", &peers]);
     let mut svc = ServiceProcess::start(spec).unwrap();
     svc.wait_ready().await.unwrap();
+    // A linearizable read succeeds only once the leader committed its first entry of the
+    // term, so the commit index read after it no longer moves by itself.
+    testkit::wait_until("a linearizable read", Duration::from_secs(10), || async {
+        svc.get_json("/estop").await.ok().filter(|(status, _)| *status == 200)
+    })
+    .await
+    .unwrap();
     let commit_before = svc.get_json("/cluster").await.unwrap().1["commit"].clone();
 
     let huge = format!(r#"{{"reason":"{}","source":"s","request_id":"x"}}"#, "y".repeat(100_000));
