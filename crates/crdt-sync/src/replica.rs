@@ -225,6 +225,19 @@ impl<L: OpLog> Replica<L> {
             state.doc.apply_changes(changes)?;
             Ok(())
         })?;
+        for (id, state) in &replica.docs {
+            // Every applied change is logged in apply order, so a replay leaves nothing
+            // waiting for a dependency; anything that does was never applied before the
+            // crash either, or the log lost a change (anti-entropy fetches it from peers).
+            let missing = state.doc.get_missing_deps(&[]);
+            if !missing.is_empty() {
+                tracing::error!(
+                    doc = %id,
+                    missing_deps = missing.len(),
+                    "recovered document has changes waiting for dependencies the log lacks"
+                );
+            }
+        }
         replica.metrics.log_position = replica.log.last_position();
         Ok(replica)
     }
@@ -533,7 +546,16 @@ impl<L: OpLog> Replica<L> {
         }
         let count = fresh.len();
         let applied = self.remote_changes(doc, None, |state| {
+            // Changes automerge queued earlier (waiting for their dependencies) are
+            // applied as a side effect when this batch brings those dependencies.
+            let queued_before = !state.doc.get_missing_deps(&[]).is_empty();
             state.doc.apply_changes(fresh.iter().cloned())?;
+            if queued_before {
+                // Log everything the document gained, released changes included:
+                // local changes made later depend on them, so a log without them
+                // would not replay (the invariant: every applied change is logged).
+                return Ok(None);
+            }
             // Log what was applied (not what waits for its dependencies),
             // from the bytes received: asking automerge for the new changes
             // costs a scan of the document.
@@ -755,9 +777,12 @@ impl<L: OpLog> Replica<L> {
     }
 }
 
-/// Whether `doc` holds `change` (cheaper than looking the change up).
+/// Whether `doc` has applied `change` (a change-graph lookup). Not
+/// `get_missing_deps(&[hash]).is_empty()`: that also reports the missing
+/// dependencies of every *queued* change, so while anything waits in the queue
+/// it calls every change absent, and applied changes would go unlogged.
 fn has_change(doc: &Automerge, change: &Change) -> bool {
-    doc.get_missing_deps(&[change.hash()]).is_empty()
+    doc.get_change_meta_by_hash(&change.hash()).is_some()
 }
 
 fn parse_changes(batch: &ChangeBatch) -> Result<Vec<Change>, Error> {
@@ -975,6 +1000,60 @@ mod tests {
         assert_eq!(r[0].docs[&doc].doc.get_heads(), heads);
         assert_eq!(value(&r[0]).value, i64::MAX - 1);
         assert_eq!(r[0].log().len(), 1);
+    }
+
+    #[test]
+    fn changes_applied_out_of_order_are_logged_and_recover() {
+        // a writes c1 then c2 (c2 depends on c1); b hears c2 first (automerge queues it),
+        // then c1 (which releases c2), then writes c3 on top of both. After a restart from
+        // its log alone, b must show exactly what it showed before: every change the
+        // document applied is in the log, including the one released from the queue.
+        let mut r = replicas();
+        let doc = production();
+        let c1 = r[0].increment(&doc, "op-1", 1, 1).unwrap().changes.unwrap();
+        let c2 = r[0].increment(&doc, "op-2", 10, 2).unwrap().changes.unwrap();
+        let outcome = r[1].apply_changes(&doc, c2.as_bytes()).unwrap();
+        assert_eq!((outcome.applied, outcome.pending), (0, 1));
+        let outcome = r[1].apply_changes(&doc, c1.as_bytes()).unwrap();
+        assert_eq!((outcome.applied, outcome.pending), (2, 0), "c1 and the released c2");
+        assert!(r[1].increment(&doc, "op-3", 100, 3).unwrap().applied);
+        assert_eq!(value(&r[1]).value, 111);
+        let log = std::mem::take(&mut r[1].log);
+        let mut recovered = Replica::recover(
+            ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("b", &NODES) },
+            log,
+            None,
+        )
+        .unwrap();
+        assert_eq!(value(&recovered).value, 111);
+        assert!(!recovered.increment(&doc, "op-2", 10, 4).unwrap().applied);
+        assert!(!recovered.increment(&doc, "op-3", 100, 4).unwrap().applied);
+    }
+
+    #[test]
+    fn an_applied_change_is_logged_while_another_waits_in_the_queue() {
+        // One batch brings c1 (applicable) and c3 (its dependency c2 is missing): c1 is
+        // applied while c3 waits. c1 must be logged although the queue is not empty.
+        let mut r = replicas();
+        let doc = production();
+        let c1 = r[0].increment(&doc, "op-1", 1, 1).unwrap().changes.unwrap();
+        r[0].increment(&doc, "op-2", 10, 2).unwrap();
+        let c3 = r[0].increment(&doc, "op-3", 100, 3).unwrap().changes.unwrap();
+        let mut batch = ChangeBatch::new();
+        batch.extend(&c1);
+        batch.extend(&c3);
+        let outcome = r[1].apply_changes(&doc, batch.as_bytes()).unwrap();
+        assert_eq!((outcome.applied, outcome.pending), (1, 1));
+        assert!(r[1].increment(&doc, "op-b", 1_000, 4).unwrap().applied);
+        assert_eq!(value(&r[1]).value, 1_001);
+        let log = std::mem::take(&mut r[1].log);
+        let recovered = Replica::recover(
+            ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("b", &NODES) },
+            log,
+            None,
+        )
+        .unwrap();
+        assert_eq!(value(&recovered).value, 1_001);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use crdt_sync::{DocId, MemOpLog, Replica, ReplicaConfig};
+use crdt_sync::{DocId, DocKind, MemOpLog, Replica, ReplicaConfig};
 
 /// A change batch in flight.
 #[derive(Debug, Clone)]
@@ -148,7 +148,11 @@ impl Network {
 
     /// Crash and restart: recover from the last snapshot and the log; the
     /// peers see a reconnect.
+    ///
+    /// Panics if the recovered replica shows anything other than what it showed before
+    /// the crash: everything it held was durable (in its snapshot or its log).
     pub fn restart(&mut self, i: usize) {
+        let before = observed(&self.nodes[i].replica);
         let node = &mut self.nodes[i];
         node.incarnation += 1;
         let fresh = Replica::new(
@@ -163,6 +167,7 @@ impl Network {
             node.snapshot.as_deref(),
         )
         .expect("recovery");
+        assert_eq!(observed(&node.replica), before, "node {i} changed in its restart");
         let name = self.names[i].clone();
         for (j, other) in self.nodes.iter_mut().enumerate() {
             if j != i {
@@ -186,6 +191,40 @@ impl Network {
             }
         }
     }
+}
+
+/// Everything a client can read from `replica`, document by document. A document that
+/// holds nothing (made by an anti-entropy round that brought no change) is left out: it
+/// has nothing to log, so it is not recovered, and reads the same as an absent one.
+fn observed(replica: &Replica<MemOpLog>) -> Vec<String> {
+    replica
+        .docs()
+        .into_iter()
+        .filter_map(|doc| {
+            let value = match doc.kind() {
+                DocKind::Counter => match replica.counter(&doc) {
+                    Ok(Some(v)) if v.value == 0 && v.live_ops == 0 && v.replicas.is_empty() => {
+                        return None;
+                    }
+                    other => format!("{other:?}"),
+                },
+                DocKind::Register => match replica.register(&doc) {
+                    Ok(None) => return None,
+                    other => format!("{other:?}"),
+                },
+                DocKind::Set => match replica.set_members(&doc) {
+                    Ok(members) if members.is_empty() => return None,
+                    other => format!("{other:?}"),
+                },
+                DocKind::List => match replica.list_items(&doc) {
+                    Ok(items) if items.is_empty() => return None,
+                    other => format!("{other:?}"),
+                },
+                other => panic!("observed() does not know {other:?} documents yet"),
+            };
+            Some(format!("{doc}: {value}"))
+        })
+        .collect()
 }
 
 fn config(names: &[String], i: usize, incarnation: u64, dedup_window_ms: u64) -> ReplicaConfig {
