@@ -132,11 +132,24 @@ struct DocState {
     peers: BTreeMap<String, sync::State>,
     /// Exact counter total, for overflow checks; `None` after remote changes.
     counter_total: Option<i128>,
+    /// Changes handed to automerge that it queued (their dependencies were missing), so
+    /// that when a later batch releases them they are logged too. Mirrors automerge's
+    /// queue, which it does not expose; `None` once more than [`PENDING_CHANGES_MAX`]
+    /// were tracked (then an apply logs the whole difference of heads instead).
+    pending: Option<Vec<Change>>,
 }
+
+/// Most queued changes a document tracks by itself (see `DocState::pending`).
+const PENDING_CHANGES_MAX: usize = 4_096;
 
 impl DocState {
     fn new(doc: Automerge) -> DocState {
-        DocState { doc, peers: BTreeMap::new(), counter_total: None }
+        DocState { doc, peers: BTreeMap::new(), counter_total: None, pending: Some(Vec::new()) }
+    }
+
+    /// After a rollback (`fork_at` drops automerge's queue) or a replay.
+    fn reset_pending(&mut self) {
+        self.pending = self.doc.get_missing_deps(&[]).is_empty().then(Vec::new);
     }
 }
 
@@ -225,7 +238,8 @@ impl<L: OpLog> Replica<L> {
             state.doc.apply_changes(changes)?;
             Ok(())
         })?;
-        for (id, state) in &replica.docs {
+        for (id, state) in &mut replica.docs {
+            state.reset_pending();
             // Every applied change is logged in apply order, so a replay leaves nothing
             // waiting for a dependency; anything that does was never applied before the
             // crash either, or the log lost a change (anti-entropy fetches it from peers).
@@ -546,25 +560,28 @@ impl<L: OpLog> Replica<L> {
         }
         let count = fresh.len();
         let applied = self.remote_changes(doc, None, |state| {
-            // Changes automerge queued earlier (waiting for their dependencies) are
-            // applied as a side effect when this batch brings those dependencies.
-            let queued_before = !state.doc.get_missing_deps(&[]).is_empty();
             state.doc.apply_changes(fresh.iter().cloned())?;
-            if queued_before {
-                // Log everything the document gained, released changes included:
-                // local changes made later depend on them, so a log without them
-                // would not replay (the invariant: every applied change is logged).
+            // Log what was applied, from the bytes received (asking automerge for the
+            // new changes costs a scan of the document): this batch's applied changes
+            // and the queued ones it released. Local changes made later depend on
+            // both, so a log without them would not replay.
+            let Some(pending) = state.pending.as_mut() else {
                 return Ok(None);
-            }
-            // Log what was applied (not what waits for its dependencies),
-            // from the bytes received: asking automerge for the new changes
-            // costs a scan of the document.
+            };
             let mut applied = ChangeBatch::new();
-            for change in &fresh {
-                if has_change(&state.doc, change) {
+            let mut still_pending = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for change in pending.drain(..).chain(fresh.iter().cloned()) {
+                if !seen.insert(change.hash()) {
+                    continue;
+                }
+                if has_change(&state.doc, &change) {
                     applied.push(change.raw_bytes());
+                } else {
+                    still_pending.push(change);
                 }
             }
+            state.pending = (still_pending.len() <= PENDING_CHANGES_MAX).then_some(still_pending);
             Ok(Some(applied))
         })?;
         outcome.applied = applied;
@@ -702,6 +719,7 @@ impl<L: OpLog> Replica<L> {
                 doc.set_actor(self.actor.clone());
                 state.doc = doc;
                 state.counter_total = None;
+                state.reset_pending();
             }
             return Err(error.into());
         }
@@ -737,6 +755,9 @@ impl<L: OpLog> Replica<L> {
                         applied.push(&change.bytes());
                     }
                 }
+                // The difference holds whatever left the queue; what a sync message
+                // put in it is unknown here, so track it again only once it is empty.
+                state.pending = state.doc.get_missing_deps(&[]).is_empty().then(Vec::new);
                 applied
             }
         });
@@ -767,6 +788,7 @@ impl<L: OpLog> Replica<L> {
                     doc.set_actor(self.actor.clone());
                     state.doc = doc;
                     state.counter_total = None;
+                    state.reset_pending();
                     if let Some(peer) = peer {
                         state.peers.remove(peer);
                     }

@@ -93,15 +93,9 @@ impl EventOpLog {
     }
 
     fn event_id(&self) -> [u8; 16] {
-        // UUIDv7-shaped: 48-bit ms time, then the incarnation and a per-process sequence.
-        let now_ms = crdt_sync::sync::now_ms();
-        let sequence = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
-        let mut id = [0u8; 16];
-        id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
-        id[6] = 0x70;
-        id[7..10].copy_from_slice(&(self.inner.incarnation as u32).to_be_bytes()[1..]);
-        id[10..].copy_from_slice(&sequence.to_be_bytes()[2..]);
-        id
+        event_id(crdt_sync::sync::now_ms(), self.inner.incarnation, {
+            self.inner.sequence.fetch_add(1, Ordering::Relaxed)
+        })
     }
 
     fn requests(&self, records: &[OpRecord]) -> Vec<AppendRequest> {
@@ -110,6 +104,26 @@ impl EventOpLog {
             .map(|record| AppendRequest::new(STREAM, self.event_id(), KIND, record.encode()))
             .collect()
     }
+}
+
+/// Bits of the sequence in an event id (2^38 events per incarnation).
+const ID_SEQUENCE_BITS: u32 = 38;
+
+/// A UUIDv7 (RFC 9562: 48-bit ms time, version 7, variant 0b10) whose 74 other bits
+/// hold the low 36 bits of the incarnation and the low 38 bits of a per-process
+/// sequence, so ids never repeat across starts and the event log prunes them from its
+/// dedup index once they are older than its window (it prunes only UUIDv7 ids).
+fn event_id(now_ms: u64, incarnation: u64, sequence: u64) -> [u8; 16] {
+    let incarnation = incarnation & ((1 << 36) - 1);
+    let rand_a = (incarnation >> 24) as u16 & 0x0FFF;
+    let rand_b = ((incarnation & 0xFF_FFFF) << ID_SEQUENCE_BITS)
+        | (sequence & ((1 << ID_SEQUENCE_BITS) - 1));
+    let key = (u128::from(now_ms & 0xFFFF_FFFF_FFFF) << 80)
+        | (0x7 << 76)
+        | (u128::from(rand_a) << 64)
+        | (0b10 << 62)
+        | u128::from(rand_b);
+    key.to_be_bytes()
 }
 
 fn storage(err: event_log::Error) -> OpLogError {
@@ -197,6 +211,21 @@ mod tests {
 
     fn open(dir: &std::path::Path, incarnation: u64) -> EventOpLog {
         EventOpLog::new(EventLog::open(dir, event_log::Options::default()).unwrap(), incarnation)
+    }
+
+    #[test]
+    fn event_ids_are_uuid_v7_and_unique_across_incarnations() {
+        let id = uuid::Uuid::from_bytes(event_id(1_700_000_000_123, 5, 9));
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        let ts = id.get_timestamp().expect("v7 has a timestamp").to_unix();
+        assert_eq!((ts.0, ts.1 / 1_000_000), (1_700_000_000, 123));
+        let mut seen = std::collections::HashSet::new();
+        for incarnation in [1, 2, 1 << 24, (1 << 36) - 1] {
+            for sequence in [0, 1, (1 << ID_SEQUENCE_BITS) - 1] {
+                assert!(seen.insert(event_id(1_700_000_000_123, incarnation, sequence)));
+            }
+        }
     }
 
     #[test]
