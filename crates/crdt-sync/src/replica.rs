@@ -543,12 +543,21 @@ impl<L: OpLog> Replica<L> {
         let changes = parse_changes(&batch)?;
         let mut outcome = RemoteApplied::default();
         let mut fresh = Vec::new();
+        // Changes already applied but handed over again (not to be logged twice).
+        let mut held = std::collections::HashSet::new();
         match self.docs.get(doc) {
             Some(state) => {
+                // While automerge holds queued changes, hand it everything: each apply
+                // is also what releases queued changes whose dependencies are now in.
+                let queue_empty = state.doc.get_missing_deps(&[]).is_empty();
                 for change in changes {
-                    if has_change(&state.doc, &change) {
+                    if !has_change(&state.doc, &change) {
+                        fresh.push(change);
+                    } else if queue_empty {
                         outcome.duplicates += 1;
                     } else {
+                        outcome.duplicates += 1;
+                        held.insert(change.hash());
                         fresh.push(change);
                     }
                 }
@@ -558,7 +567,7 @@ impl<L: OpLog> Replica<L> {
         if fresh.is_empty() {
             return Ok(outcome);
         }
-        let count = fresh.len();
+        let count = fresh.len() - held.len();
         let applied = self.remote_changes(doc, None, |state| {
             state.doc.apply_changes(fresh.iter().cloned())?;
             // Log what was applied, from the bytes received (asking automerge for the
@@ -570,7 +579,7 @@ impl<L: OpLog> Replica<L> {
             };
             let mut applied = ChangeBatch::new();
             let mut still_pending = Vec::new();
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = held;
             for change in pending.drain(..).chain(fresh.iter().cloned()) {
                 if !seen.insert(change.hash()) {
                     continue;
