@@ -766,7 +766,7 @@ impl<L: OpLog> Replica<L> {
                 }
                 // The difference holds whatever left the queue; what a sync message
                 // put in it is unknown here, so track it again only once it is empty.
-                state.pending = state.doc.get_missing_deps(&[]).is_empty().then(Vec::new);
+                state.reset_pending();
                 applied
             }
         });
