@@ -919,6 +919,13 @@ mod tests {
         }
     }
 
+    /// One of [`replicas`] after a crash: incarnation 1, recovered from its log alone.
+    fn restarted(replica: &mut Replica<MemOpLog>) -> Replica<MemOpLog> {
+        let node_id = replica.node_id.clone();
+        let config = ReplicaConfig { incarnation: 1, ..ReplicaConfig::new(&node_id, &NODES) };
+        Replica::recover(config, std::mem::take(&mut replica.log), None).unwrap()
+    }
+
     fn value(replica: &Replica<MemOpLog>) -> CounterValue {
         replica.counter(&production()).unwrap().unwrap()
     }
@@ -1049,13 +1056,7 @@ mod tests {
         assert_eq!((outcome.applied, outcome.pending), (2, 0), "c1 and the released c2");
         assert!(r[1].increment(&doc, "op-3", 100, 3).unwrap().applied);
         assert_eq!(value(&r[1]).value, 111);
-        let log = std::mem::take(&mut r[1].log);
-        let mut recovered = Replica::recover(
-            ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("b", &NODES) },
-            log,
-            None,
-        )
-        .unwrap();
+        let mut recovered = restarted(&mut r[1]);
         assert_eq!(value(&recovered).value, 111);
         assert!(!recovered.increment(&doc, "op-2", 10, 4).unwrap().applied);
         assert!(!recovered.increment(&doc, "op-3", 100, 4).unwrap().applied);
@@ -1077,13 +1078,7 @@ mod tests {
         assert_eq!((outcome.applied, outcome.pending), (1, 1));
         assert!(r[1].increment(&doc, "op-b", 1_000, 4).unwrap().applied);
         assert_eq!(value(&r[1]).value, 1_001);
-        let log = std::mem::take(&mut r[1].log);
-        let recovered = Replica::recover(
-            ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("b", &NODES) },
-            log,
-            None,
-        )
-        .unwrap();
+        let recovered = restarted(&mut r[1]);
         assert_eq!(value(&recovered).value, 1_001);
     }
 
