@@ -5,7 +5,9 @@
 //! - `raft_meta`: `"hard_state"` -> `HardState`, `"snapshot"` -> `Snapshot` (metadata with the
 //!   conf state, plus the state machine data), `"boot"` -> u64 little endian.
 //!
-//! Every write is one redb transaction committed with `Durability::Immediate` (fsync). Reads are
+//! Every write is one redb transaction committed with `Durability::Immediate` (fsync), except a
+//! hard state that only moves the commit index: that one is kept in memory and written with the
+//! next durable write (Raft does not need the commit index durable). Reads are
 //! served from the mirror, which holds exactly what is in the file: the log is compacted below
 //! each snapshot, so the mirror stays bounded by the snapshot interval.
 
@@ -188,8 +190,20 @@ impl Storage for RedbStore {
 
 impl LogStore for RedbStore {
     fn write(&mut self, batch: WriteBatch<'_>) -> Result<(), StoreError> {
-        // A commit index alone is not worth an fsync: it rides along with the next write.
-        if batch.is_empty() {
+        // A commit index alone is not worth an fsync: it rides along with the next write. Raft
+        // needs the term, the vote and the entries durable, never the commit index (a restarted
+        // node learns it again from the leader; the snapshot covers what was compacted). raft-rs
+        // reports every commit advance as a new hard state, so without this a leader paid a
+        // second fsync on the path of every proposal, after the quorum had acknowledged it.
+        let commit_only = batch.snapshot.is_none()
+            && batch.entries.is_empty()
+            && batch.hard_state.is_none_or(|hs| {
+                hs.term == self.hard_state.term && hs.vote == self.hard_state.vote
+            });
+        if commit_only {
+            if let Some(hs) = batch.hard_state {
+                self.set_commit(hs.commit)?;
+            }
             return Ok(());
         }
         // Check everything before writing anything.

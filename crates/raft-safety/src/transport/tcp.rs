@@ -4,20 +4,24 @@
 //! raft `Message` in raft-rs's protobuf encoding. A connection only ever carries frames from
 //! the dialling node to the listening node; replies travel on the listener's own outbound
 //! connection. Each peer has a bounded queue drained by its own task, which connects, writes,
-//! and on any error reconnects with exponential backoff; a full queue drops the message. TLS
+//! and on any error reconnects with exponential backoff; a full queue drops the message. While
+//! idle the task watches its socket: a peer that closed the connection (it crashed or
+//! restarted) is noticed at once, so the next message is written to a fresh connection and not
+//! lost in the dead one. That matters for raft, where a follower may send nothing to another
+//! follower for a long time and then, when the leader dies, one pre-vote that must arrive. TLS
 //! plugs in through [`Connector`] and [`Acceptor`], which only need to produce a stream.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::Message;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -158,6 +162,7 @@ pub async fn serve_with<A: Acceptor>(
 
 struct Peer {
     queue: mpsc::Sender<Message>,
+    connected: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -201,14 +206,16 @@ impl<C: Connector> TcpTransport<C> {
     /// Starts sending to `id` at `addr` (replacing a previous address).
     pub fn add_peer(&self, id: u64, addr: SocketAddr) {
         let (queue, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
+        let connected = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(peer_loop(
             id,
             addr,
             Arc::clone(&self.connector),
             rx,
             Arc::clone(&self.dropped),
+            Arc::clone(&connected),
         ));
-        if let Some(old) = self.lock().insert(id, Peer { queue, task }) {
+        if let Some(old) = self.lock().insert(id, Peer { queue, connected, task }) {
             old.task.abort();
         }
     }
@@ -218,6 +225,12 @@ impl<C: Connector> TcpTransport<C> {
         if let Some(old) = self.lock().remove(&id) {
             old.task.abort();
         }
+    }
+
+    /// Whether a connection to `id` is open now (false before the first message to it, and
+    /// from the moment the peer closes it until the next message reconnects).
+    pub fn is_connected(&self, id: u64) -> bool {
+        self.lock().get(&id).is_some_and(|peer| peer.connected.load(Ordering::Relaxed))
     }
 
     /// Messages dropped so far (queue full, no route, or lost with a broken connection).
@@ -254,6 +267,7 @@ async fn peer_loop<C: Connector>(
     connector: Arc<C>,
     mut queue: mpsc::Receiver<Message>,
     dropped: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
 ) {
     let io_timeout = Duration::from_millis(IO_TIMEOUT_MS);
     let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
@@ -277,7 +291,9 @@ async fn peer_loop<C: Connector>(
             }
         };
         backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-        let mut writer = BufWriter::new(stream);
+        connected.store(true, Ordering::Relaxed);
+        let (mut reader, writer) = tokio::io::split(stream);
+        let mut writer = BufWriter::new(writer);
         let mut batch = vec![first];
         loop {
             while batch.len() < WRITE_BATCH_MESSAGES_MAX {
@@ -300,16 +316,35 @@ async fn peer_loop<C: Connector>(
                 }
             }
             batch.clear();
-            match queue.recv().await {
-                Some(message) => batch.push(message),
-                None => return,
+            tokio::select! {
+                message = queue.recv() => match message {
+                    Some(message) => batch.push(message),
+                    None => return,
+                },
+                () = closed_by_peer(&mut reader) => {
+                    tracing::debug!(peer = id, %addr, "raft peer closed the connection");
+                    break;
+                }
             }
         }
+        connected.store(false, Ordering::Relaxed);
         // Reconnect once there is something to send.
         first = match queue.recv().await {
             Some(message) => message,
             None => return,
         };
+    }
+}
+
+/// Resolves when the peer ends or breaks the connection. The listener never writes on it, so
+/// anything it reads is discarded.
+async fn closed_by_peer<S: AsyncRead>(reader: &mut ReadHalf<S>) {
+    let mut discard = [0u8; 64];
+    loop {
+        match reader.read(&mut discard).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -378,6 +413,43 @@ mod tests {
         let server = tokio::spawn(serve(listener, tx));
         deliver(&transport, &mut inbound, 2).await;
         assert!(connector.0.load(Ordering::Relaxed) >= 2, "it dialled again");
+        server.abort();
+    }
+
+    /// Waits (with a deadline) until `transport`'s connection to peer 2 is `open`.
+    async fn wait_connected<C: Connector>(transport: &TcpTransport<C>, open: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while transport.is_connected(2) != open {
+            assert!(tokio::time::Instant::now() < deadline, "connected never became {open}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_message_after_a_quiet_peer_restarted_is_not_lost() {
+        // Raft's case: a follower sends nothing to another follower for a long time, that
+        // follower restarts, and later a single pre-vote must arrive.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut inbound) = mpsc::channel(1024);
+        let server = tokio::spawn(serve(listener, tx.clone()));
+        let transport = TcpTransport::new([(2, addr)]);
+        transport.send(Message { to: 2, from: 1, term: 1, ..Message::default() });
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await;
+        assert_eq!(first.unwrap().unwrap().term, 1);
+        wait_connected(&transport, true).await;
+
+        // The peer dies (its connections close) and comes back on the same address.
+        server.abort();
+        let _ = server.await;
+        wait_connected(&transport, false).await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(serve(listener, tx));
+
+        // Exactly one message, no retries.
+        transport.send(Message { to: 2, from: 1, term: 2, ..Message::default() });
+        let second = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await;
+        assert_eq!(second.expect("the single message was lost").unwrap().term, 2);
         server.abort();
     }
 
