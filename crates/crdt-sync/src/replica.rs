@@ -38,6 +38,13 @@ pub const MEMBERS_MAX: usize = 64;
 pub const DOCS_MAX: usize = 1_024;
 /// Largest sync message accepted, in bytes.
 pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most sync messages a replica sends one peer about one document between two calls of
+/// [`Replica::reset_peer`] (one anti-entropy round). automerge's sync protocol answers every
+/// message while the heads differ, and under load they always do (change batches keep
+/// arriving), so without a bound a round never ends and every message costs a walk of the
+/// change history. Filling a gap takes a handful of messages; what a round leaves unfinished
+/// the next one continues from the heads both sides confirmed.
+pub const SYNC_MESSAGES_PER_ROUND_MAX: u32 = 16;
 
 /// How a replica is set up.
 #[derive(Debug, Clone)]
@@ -129,7 +136,7 @@ pub struct Snapshot {
 
 struct DocState {
     doc: Automerge,
-    peers: BTreeMap<String, sync::State>,
+    peers: BTreeMap<String, PeerSync>,
     /// Exact counter total, for overflow checks; `None` after remote changes.
     counter_total: Option<i128>,
     /// Changes handed to automerge that it queued (their dependencies were missing), so
@@ -137,6 +144,13 @@ struct DocState {
     /// queue, which it does not expose; `None` once more than [`PENDING_CHANGES_MAX`]
     /// were tracked (then an apply logs the whole difference of heads instead).
     pending: Option<Vec<Change>>,
+}
+
+/// automerge's sync state with one peer about one document, and what this round sent.
+#[derive(Default)]
+struct PeerSync {
+    state: sync::State,
+    sent_in_round: u32,
 }
 
 /// Most queued changes a document tracks by itself (see `DocState::pending`).
@@ -604,8 +618,13 @@ impl<L: OpLog> Replica<L> {
     /// `None`.
     pub fn sync_message(&mut self, doc: &DocId, peer: &str) -> Option<Vec<u8>> {
         let state = self.docs.get_mut(doc)?;
-        let sync_state = state.peers.entry(peer.to_owned()).or_default();
-        state.doc.generate_sync_message(sync_state).map(sync::Message::encode)
+        let peer_sync = state.peers.entry(peer.to_owned()).or_default();
+        if peer_sync.sent_in_round >= SYNC_MESSAGES_PER_ROUND_MAX {
+            return None;
+        }
+        let message = state.doc.generate_sync_message(&mut peer_sync.state)?;
+        peer_sync.sent_in_round += 1;
+        Some(message.encode())
     }
 
     /// Receives an anti-entropy message from `peer` about `doc` (creating
@@ -631,17 +650,25 @@ impl<L: OpLog> Replica<L> {
         self.remote_changes(doc, Some(peer), |doc_state| {
             // Split borrow: the document and this peer's sync state.
             let DocState { doc, peers, .. } = doc_state;
-            let sync_state = peers.entry(peer.to_owned()).or_default();
-            doc.receive_sync_message(sync_state, message)?;
+            let peer_sync = peers.entry(peer.to_owned()).or_default();
+            doc.receive_sync_message(&mut peer_sync.state, message)?;
             Ok(None)
         })
     }
 
-    /// Forgets the sync state with `peer` (call when the connection to it
-    /// is re-established), so the next round starts from scratch.
+    /// Forgets what is in flight with `peer` (call at the start of every
+    /// anti-entropy round and when the connection to it is re-established):
+    /// changes sent but maybe lost are offered again. The heads both sides
+    /// last confirmed are kept (automerge's persisted sync state), so a round
+    /// compares only the changes since then, not the whole history; a peer
+    /// that lost its data is detected by automerge and fully resynced.
     pub fn reset_peer(&mut self, peer: &str) {
         for state in self.docs.values_mut() {
-            state.peers.remove(peer);
+            if let Some(peer_sync) = state.peers.get_mut(peer) {
+                let shared_heads = std::mem::take(&mut peer_sync.state.shared_heads);
+                *peer_sync = PeerSync::default();
+                peer_sync.state.shared_heads = shared_heads;
+            }
         }
     }
 
@@ -894,6 +921,8 @@ mod tests {
 
     fn sync_pair(replicas: &mut [Replica<MemOpLog>], doc: &DocId, i: usize, j: usize) {
         let (ni, nj) = (replicas[i].node_id().to_owned(), replicas[j].node_id().to_owned());
+        replicas[i].reset_peer(&nj);
+        replicas[j].reset_peer(&ni);
         for _round in 0..100 {
             let to_j = replicas[i].sync_message(doc, &nj);
             if let Some(message) = &to_j {

@@ -36,7 +36,7 @@ use crate::batch::ChangeBatch;
 use crate::doc_id::DocId;
 use crate::error::Error;
 use crate::oplog::OpLog;
-use crate::replica::{Replica, Update};
+use crate::replica::{Replica, SYNC_MESSAGE_BYTES_MAX, Update};
 
 /// JetStream stream carrying change batches.
 pub const STREAM_NAME: &str = "EDGE_CRDT";
@@ -63,6 +63,15 @@ pub const PUBLISH_BYTES_MAX: usize = 512 * 1024;
 pub const RECEIVE_BATCHES_MAX: usize = 1_024;
 /// Replication lag samples kept for percentiles.
 pub const LAG_SAMPLES_MAX: usize = 10_000;
+/// Header of one part of a sync message too large for one NATS message: `{index}/{count}`.
+pub const SYNC_PART_HEADER: &str = "Keel-Sync-Part";
+/// Largest part of a sync message; larger messages (a replica that missed a long stretch
+/// of history gets it all in one automerge sync message) are sent in parts of this size,
+/// well under nats-server's default 1 MiB `max_payload`.
+pub const SYNC_PART_BYTES_MAX: usize = 512 * 1024;
+/// Sync messages being reassembled at once (one per peer and document); beyond it the
+/// oldest is dropped and the next anti-entropy round sends it again.
+pub const SYNC_ASSEMBLIES_MAX: usize = 64;
 
 /// How a [`SyncedReplica`] talks to NATS.
 #[derive(Debug, Clone)]
@@ -481,6 +490,7 @@ async fn answer_sync<L: OpLog>(
     client: async_nats::Client,
     mut messages: async_nats::Subscriber,
 ) {
+    let mut assemblies = Assemblies::default();
     while let Some(message) = messages.next().await {
         let parsed = parse_subject(message.subject.as_str());
         let Some((doc, "sync", nodes)) = parsed else {
@@ -490,9 +500,27 @@ async fn answer_sync<L: OpLog>(
             continue;
         };
         let from = from.to_owned();
+        let part = message.headers.as_ref().and_then(|headers| headers.get(SYNC_PART_HEADER));
+        let payload = match part {
+            None => message.payload.clone(),
+            Some(part) => {
+                let Some((index, count)) = parse_part(part.as_str()) else {
+                    shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match assemblies.add(&doc, &from, index, count, &message.payload) {
+                    Assembled::Complete(payload) => payload,
+                    Assembled::Waiting => continue,
+                    Assembled::Refused => {
+                        shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+        };
         let reply = {
             let mut replica = lock(&shared);
-            match replica.receive_sync_message(&doc, &from, &message.payload) {
+            match replica.receive_sync_message(&doc, &from, &payload) {
                 Ok(_) => {
                     shared.counters.sync_received.fetch_add(1, Ordering::Relaxed);
                     replica.sync_message(&doc, &from)
@@ -517,8 +545,109 @@ async fn send_sync<L: OpLog>(
     message: Vec<u8>,
 ) {
     let subject = sync_subject(doc, &shared.node_id, to);
-    if client.publish(subject, Bytes::from(message)).await.is_ok() {
-        shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+    if message.len() <= SYNC_PART_BYTES_MAX {
+        if client.publish(subject, Bytes::from(message)).await.is_ok() {
+            shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    // Too large for one NATS message: in parts, in order (core NATS keeps the order of one
+    // publisher's messages on one subject); a lost part drops the whole message, which the
+    // next round sends again.
+    let message = Bytes::from(message);
+    let count = message.len().div_ceil(SYNC_PART_BYTES_MAX);
+    for (index, start) in (0..message.len()).step_by(SYNC_PART_BYTES_MAX).enumerate() {
+        let end = (start + SYNC_PART_BYTES_MAX).min(message.len());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(SYNC_PART_HEADER, format!("{index}/{count}").as_str());
+        let part = message.slice(start..end);
+        if client.publish_with_headers(subject.clone(), headers, part).await.is_err() {
+            return;
+        }
+    }
+    shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `(index, count)` of a [`SYNC_PART_HEADER`] value.
+fn parse_part(value: &str) -> Option<(usize, usize)> {
+    let (index, count) = value.split_once('/')?;
+    let (index, count) = (index.parse().ok()?, count.parse().ok()?);
+    (index < count).then_some((index, count))
+}
+
+/// Sync messages arriving in parts, per (document, sender), at most
+/// [`SYNC_ASSEMBLIES_MAX`] of them and [`SYNC_MESSAGE_BYTES_MAX`] bytes in all.
+#[derive(Default)]
+struct Assemblies {
+    /// Oldest first.
+    partial: VecDeque<Assembly>,
+}
+
+struct Assembly {
+    doc: DocId,
+    from: String,
+    count: usize,
+    next: usize,
+    bytes: Vec<u8>,
+}
+
+enum Assembled {
+    Complete(Bytes),
+    Waiting,
+    /// Out of order, without its first part, or too large: dropped.
+    Refused,
+}
+
+impl Assemblies {
+    fn add(
+        &mut self,
+        doc: &DocId,
+        from: &str,
+        index: usize,
+        count: usize,
+        part: &[u8],
+    ) -> Assembled {
+        let found = self.partial.iter().position(|a| a.doc == *doc && a.from == from);
+        let mut assembly = match (index, found) {
+            // A new message from this sender replaces whatever was unfinished.
+            (0, found) => {
+                if let Some(at) = found {
+                    self.partial.remove(at);
+                }
+                Assembly {
+                    doc: doc.clone(),
+                    from: from.to_owned(),
+                    count,
+                    next: 0,
+                    bytes: Vec::new(),
+                }
+            }
+            (_, Some(at)) => self.partial.remove(at).expect("found"),
+            (_, None) => return Assembled::Refused,
+        };
+        if assembly.count != count || assembly.next != index {
+            return Assembled::Refused;
+        }
+        assembly.bytes.extend_from_slice(part);
+        assembly.next += 1;
+        if assembly.bytes.len() > SYNC_MESSAGE_BYTES_MAX {
+            return Assembled::Refused;
+        }
+        if assembly.next == assembly.count {
+            return Assembled::Complete(Bytes::from(assembly.bytes));
+        }
+        // Make room: the oldest unfinished messages go first.
+        let mut held: usize = self.partial.iter().map(|a| a.bytes.len()).sum();
+        while self.partial.len() >= SYNC_ASSEMBLIES_MAX
+            || held + assembly.bytes.len() > SYNC_MESSAGE_BYTES_MAX
+        {
+            match self.partial.pop_front() {
+                Some(dropped) => held -= dropped.bytes.len(),
+                None => break,
+            }
+        }
+        self.partial.push_back(assembly);
+        Assembled::Waiting
     }
 }
 
@@ -590,6 +719,36 @@ mod tests {
         assert!(parse_subject("edge.crdt.gauge:x.changes.a").is_none());
         assert!(parse_subject("edge.other.counter:x.changes.a").is_none());
         assert!(parse_subject("edge.crdt").is_none());
+    }
+
+    #[test]
+    fn sync_parts_reassemble_in_order_and_refuse_gaps() {
+        let doc = DocId::counter("production").unwrap();
+        let mut assemblies = Assemblies::default();
+        assert_eq!(parse_part("0/3"), Some((0, 3)));
+        assert_eq!(parse_part("3/3"), None);
+        assert_eq!(parse_part("x/3"), None);
+        assert!(matches!(assemblies.add(&doc, "a", 0, 3, b"ab"), Assembled::Waiting));
+        // Another sender's parts interleave without mixing.
+        assert!(matches!(assemblies.add(&doc, "b", 0, 2, b"xy"), Assembled::Waiting));
+        assert!(matches!(assemblies.add(&doc, "a", 1, 3, b"cd"), Assembled::Waiting));
+        match assemblies.add(&doc, "a", 2, 3, b"e") {
+            Assembled::Complete(bytes) => assert_eq!(&bytes[..], b"abcde"),
+            _ => panic!("a's message is complete"),
+        }
+        // A gap (part 0 of b, then part 2 of 2) drops b's message.
+        assert!(matches!(assemblies.add(&doc, "b", 2, 3, b"z"), Assembled::Refused));
+        assert!(matches!(assemblies.add(&doc, "b", 1, 2, b"z"), Assembled::Refused));
+        // A part without its start is refused.
+        assert!(matches!(assemblies.add(&doc, "c", 1, 2, b"z"), Assembled::Refused));
+        assert!(assemblies.partial.is_empty());
+        // Unfinished messages are bounded in number: the oldest go.
+        for i in 0..SYNC_ASSEMBLIES_MAX + 3 {
+            let from = format!("n{i}");
+            assert!(matches!(assemblies.add(&doc, &from, 0, 2, b"z"), Assembled::Waiting));
+        }
+        assert_eq!(assemblies.partial.len(), SYNC_ASSEMBLIES_MAX);
+        assert!(matches!(assemblies.add(&doc, "n0", 1, 2, b"z"), Assembled::Refused));
     }
 
     #[test]

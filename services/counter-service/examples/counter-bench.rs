@@ -164,12 +164,15 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
         let mut per_replica = Vec::new();
+        let mut sync = Vec::new();
         for url in &urls {
             let body = debug(&http, url, false).await;
             per_replica.push(body["lag_ms"].clone());
+            sync.push(json!({"changes": body["changes"], "sync": body["sync"]}));
         }
         report["lag"] = json!({
             "rate_per_s": offered_per_s, "acknowledged": ok, "replicas": per_replica,
+            "sync": sync,
         });
     }
 

@@ -178,6 +178,48 @@ async fn a_late_replica_catches_up_by_anti_entropy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_replica_gets_a_history_larger_than_one_nats_message() {
+    let server = NatsServer::start();
+    let members = ["a", "b"];
+    let a = start(&server, "a", &members).await;
+    let doc = DocId::register("device-config").unwrap();
+    // 60 versions of a 60 kB value of random letters: automerge keeps them all, so the sync
+    // message b needs (about as large as the compressed saved document) is more than twice
+    // nats-server's 1 MiB max_payload.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut value = String::new();
+    for version in 1..=60 {
+        value = (0..60_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(
+                    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        [(seed % 62) as usize],
+                )
+            })
+            .collect();
+        let json = serde_json::Value::String(value.clone());
+        a.update(&doc, |r, now_ms| r.set_register(&doc, &json, version, now_ms)).expect("set");
+    }
+    let saved = a.read(|r| r.doc_bytes(&doc)).expect("a holds the register");
+    assert!(saved > 2 * 1024 * 1024, "the history is only {saved} bytes");
+
+    let b = start(&server, "b", &members).await;
+    eventually("b has the last version", || {
+        b.read(|r| r.register(&doc).expect("register")).is_some_and(|r| r.version == 60)
+    })
+    .await;
+    let at_b = b.read(|r| r.register(&doc).expect("register")).expect("present");
+    assert_eq!(at_b.value, serde_json::Value::String(value));
+    assert_eq!(b.metrics().messages_rejected, 0);
+    for replica in [a, b] {
+        replica.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_are_rejected_and_the_replica_keeps_working() {
     let server = NatsServer::start();
     let members = ["a", "b"];

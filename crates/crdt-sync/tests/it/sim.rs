@@ -113,6 +113,10 @@ impl Network {
         let mut docs: BTreeSet<DocId> = self.nodes[a].replica.docs().into_iter().collect();
         docs.extend(self.nodes[b].replica.docs());
         let (name_a, name_b) = (self.names[a].clone(), self.names[b].clone());
+        // One anti-entropy round, as `SyncedReplica` runs it: each side first forgets what
+        // was in flight (and its per-round message budget).
+        self.nodes[a].replica.reset_peer(&name_b);
+        self.nodes[b].replica.reset_peer(&name_a);
         for doc in docs {
             let mut settled = false;
             for _round in 0..64 {
