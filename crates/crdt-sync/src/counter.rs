@@ -157,6 +157,47 @@ fn clamp(value: i128) -> i64 {
     i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// The map keys `changes` write (op ids, node names), or `None` if one of them writes a
+/// root key (then nothing short of a full read knows the total).
+pub(crate) fn touched_keys<'a>(
+    changes: impl Iterator<Item = &'a automerge::Change>,
+) -> Option<std::collections::BTreeSet<String>> {
+    let mut keys = std::collections::BTreeSet::new();
+    for change in changes {
+        for op in change.decode().operations {
+            if op.obj == automerge::legacy::ObjectId::Root {
+                return None;
+            }
+            if let automerge::legacy::Key::Map(key) = op.key {
+                keys.insert(key.to_string());
+            }
+        }
+    }
+    Some(keys)
+}
+
+/// What `keys` contribute to the total: each key's canonical live amount in `ops` plus its
+/// folded total in `folded`. The total changes only through the keys a change writes, so
+/// `total + after - before` over them keeps it exact without a walk of the document.
+pub(crate) fn contribution<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    keys: &std::collections::BTreeSet<String>,
+) -> Result<i128, Error> {
+    let objs = Objs::load(doc, id)?;
+    let mut sum: i128 = 0;
+    for key in keys {
+        if let Some(canonical) = entries(doc, id, &objs, key)?.first() {
+            sum += i128::from(canonical.amount);
+        }
+        if let Some((value, _)) = doc.get(&objs.folded, key.as_str())? {
+            let folded = value.as_i64().ok_or_else(|| corrupt(id, format!("folded[{key}]")))?;
+            sum += i128::from(folded);
+        }
+    }
+    Ok(sum)
+}
+
 /// The amount already recorded for `op_id`, live or in a tombstone.
 pub(crate) fn lookup<R: ReadDoc>(doc: &R, id: &DocId, op_id: &str) -> Result<Option<i64>, Error> {
     let objs = Objs::load(doc, id)?;

@@ -581,6 +581,26 @@ impl<L: OpLog> Replica<L> {
         if fresh.is_empty() {
             return Ok(outcome);
         }
+        // A known counter total is carried across the apply through the keys it writes
+        // (queued changes it may release included), instead of a walk of the document at
+        // the next increment.
+        let carried = match self.docs.get(doc) {
+            Some(state) if doc.kind() == DocKind::Counter => {
+                match (state.counter_total, &state.pending) {
+                    (Some(total), Some(pending)) => {
+                        match counter::touched_keys(fresh.iter().chain(pending.iter())) {
+                            Some(keys) => {
+                                let before = counter::contribution(&state.doc, doc, &keys)?;
+                                Some((total, keys, before))
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
         let count = fresh.len() - held.len();
         let applied = self.remote_changes(doc, None, |state| {
             state.doc.apply_changes(fresh.iter().cloned())?;
@@ -609,6 +629,15 @@ impl<L: OpLog> Replica<L> {
         })?;
         outcome.applied = applied;
         outcome.pending = count.saturating_sub(applied);
+        if let Some((total, keys, before)) = carried
+            && let Some(state) = self.docs.get_mut(doc)
+            && state.counter_total.is_none()
+        {
+            match counter::contribution(&state.doc, doc, &keys) {
+                Ok(after) => state.counter_total = Some(total + after - before),
+                Err(_) => state.counter_total = None,
+            }
+        }
         Ok(outcome)
     }
 

@@ -121,6 +121,10 @@ fn run(replica_count: usize, actions: &[Action]) -> Result<(), TestCaseError> {
                     .replica_mut(node)
                     .increment(&docs.counter, &op_id, amount(op), now_ms)
                     .map_err(|e| TestCaseError::fail(format!("increment: {e}")))?;
+                // The total an increment returns (carried across remote applies) is the
+                // one a full read sees.
+                let read = net.replica(node).counter(&docs.counter).expect("read").expect("exists");
+                prop_assert_eq!(update.value, read.value, "increment's total at node {}", node);
                 model.counter.insert(op_id, amount(op));
                 if let Some(changes) = update.changes {
                     net.publish(node, &docs.counter, changes.as_bytes());
