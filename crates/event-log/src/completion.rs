@@ -1,5 +1,9 @@
 //! A one-shot completion: the writer fills it, the caller blocks on it or awaits it. A completer
 //! dropped unfilled (the writer stopped) resolves to [`Error::Closed`].
+//!
+//! Completions made with a [`Notifier`] share one wake-up: the writer fills a whole group of
+//! them quietly, then wakes every thread blocked on any of them with one broadcast (one futex
+//! wake per group commit instead of one per waiter).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,6 +12,23 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+
+/// One wake-up shared by many completions (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Notifier {
+    /// Held by a waiter from checking its slot until it sleeps, and by the notifier before it
+    /// wakes: a fill between a waiter's check and its sleep cannot go unseen.
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Notifier {
+    /// Wakes every thread blocked on a completion of this notifier (they re-check their slots).
+    pub(crate) fn notify_all(&self) {
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+    }
+}
 
 #[derive(Debug)]
 struct Slot<T> {
@@ -21,21 +42,49 @@ struct Slot<T> {
 #[derive(Debug)]
 struct Shared<T> {
     slot: Mutex<Slot<T>>,
+    /// Wakes a thread blocked in `wait` (when there is no notifier).
     ready: Condvar,
+    notifier: Option<Arc<Notifier>>,
+}
+
+/// Whether filling a slot wakes a blocked thread now or leaves it to [`Notifier::notify_all`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Now,
+    Deferred,
 }
 
 impl<T> Shared<T> {
-    fn fill(&self, value: Result<T>) {
+    fn fill(&self, value: Result<T>, wake: Wake) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         slot.value = Some(value);
         let waker = slot.waker.take();
         let waiting = slot.waiting;
         drop(slot);
         if waiting {
-            self.ready.notify_all();
+            match &self.notifier {
+                None => self.ready.notify_all(),
+                Some(notifier) if wake == Wake::Now => notifier.notify_all(),
+                Some(_) => {}
+            }
         }
         if let Some(waker) = waker {
             waker.wake();
+        }
+    }
+
+    /// Takes the value if it is there, else notes that a thread is about to sleep on it.
+    fn take_or_note_waiting(&self) -> Option<Result<T>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.value.take() {
+            Some(value) => {
+                slot.taken = true;
+                Some(value)
+            }
+            None => {
+                slot.waiting = true;
+                None
+            }
         }
     }
 }
@@ -55,9 +104,19 @@ pub struct Pending<T> {
 }
 
 pub(crate) fn pair<T>() -> (Completer<T>, Pending<T>) {
+    make_pair(None)
+}
+
+/// A pair whose blocked waiter is woken through `notifier` (see the module docs).
+pub(crate) fn pair_with<T>(notifier: &Arc<Notifier>) -> (Completer<T>, Pending<T>) {
+    make_pair(Some(notifier.clone()))
+}
+
+fn make_pair<T>(notifier: Option<Arc<Notifier>>) -> (Completer<T>, Pending<T>) {
     let shared = Arc::new(Shared {
         slot: Mutex::new(Slot { value: None, waker: None, taken: false, waiting: false }),
         ready: Condvar::new(),
+        notifier,
     });
     (Completer { shared: Some(shared.clone()) }, Pending { shared })
 }
@@ -72,7 +131,15 @@ pub(crate) fn ready<T>(value: Result<T>) -> Pending<T> {
 impl<T> Completer<T> {
     pub(crate) fn complete(mut self, value: Result<T>) {
         if let Some(shared) = self.shared.take() {
-            shared.fill(value);
+            shared.fill(value, Wake::Now);
+        }
+    }
+
+    /// Fills the slot; a thread blocked on it wakes at its notifier's next
+    /// [`Notifier::notify_all`], which the caller must make (a future's waker is woken now).
+    pub(crate) fn complete_deferred(mut self, value: Result<T>) {
+        if let Some(shared) = self.shared.take() {
+            shared.fill(value, Wake::Deferred);
         }
     }
 }
@@ -80,7 +147,7 @@ impl<T> Completer<T> {
 impl<T> Drop for Completer<T> {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.fill(Err(Error::Closed));
+            shared.fill(Err(Error::Closed), Wake::Now);
         }
     }
 }
@@ -88,37 +155,54 @@ impl<T> Drop for Completer<T> {
 impl<T> Pending<T> {
     /// Blocks the calling thread until the result is there.
     pub fn wait(self) -> Result<T> {
-        let mut slot = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(value) = slot.value.take() {
-                slot.taken = true;
+            if let Some(value) = self.wait_inner(None) {
                 return value;
             }
-            slot.waiting = true;
-            slot = self.shared.ready.wait(slot).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Blocks until the result is there or `deadline` passes (then gives `self` back).
     pub fn wait_until(self, deadline: Instant) -> std::result::Result<Result<T>, Self> {
+        self.wait_inner(Some(deadline)).ok_or(self)
+    }
+
+    /// Blocks until the result is there (`Some`) or `deadline` passes (`None`).
+    fn wait_inner(&self, deadline: Option<Instant>) -> Option<Result<T>> {
+        let timeout = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if let Some(notifier) = &self.shared.notifier {
+            let mut guard = notifier.lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(value) = self.shared.take_or_note_waiting() {
+                    return Some(value);
+                }
+                guard = match timeout() {
+                    None => notifier.changed.wait(guard).unwrap_or_else(|e| e.into_inner()),
+                    Some(left) if left.is_zero() => return None,
+                    Some(left) => {
+                        notifier
+                            .changed
+                            .wait_timeout(guard, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                };
+            }
+        }
         let mut slot = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(value) = slot.value.take() {
                 slot.taken = true;
-                return Ok(value);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(slot);
-                return Err(self);
+                return Some(value);
             }
             slot.waiting = true;
-            slot = self
-                .shared
-                .ready
-                .wait_timeout(slot, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            slot = match timeout() {
+                None => self.shared.ready.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                Some(left) if left.is_zero() => return None,
+                Some(left) => {
+                    self.shared.ready.wait_timeout(slot, left).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
         }
     }
 }
@@ -161,6 +245,35 @@ mod tests {
         c.complete(Ok(1));
         let got = p.wait_until(Instant::now() + Duration::from_secs(5)).ok().unwrap();
         assert_eq!(got.unwrap(), 1);
+    }
+
+    #[test]
+    fn one_notify_wakes_every_deferred_waiter() {
+        let notifier = Arc::new(Notifier::default());
+        let (completers, waiters): (Vec<_>, Vec<_>) = (0..8u32)
+            .map(|i| {
+                let (c, p) = pair_with::<u32>(&notifier);
+                (c, std::thread::spawn(move || p.wait().unwrap() + i))
+            })
+            .unzip();
+        std::thread::sleep(Duration::from_millis(20));
+        for c in completers {
+            c.complete_deferred(Ok(100));
+        }
+        notifier.notify_all();
+        let got: Vec<u32> = waiters.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(got, (100..108).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn notified_wait_until_times_out_and_a_dropped_completer_wakes_it() {
+        let notifier = Arc::new(Notifier::default());
+        let (c, p) = pair_with::<u32>(&notifier);
+        let p = p.wait_until(Instant::now() + Duration::from_millis(1)).unwrap_err();
+        let t = std::thread::spawn(move || p.wait());
+        std::thread::sleep(Duration::from_millis(20));
+        drop(c);
+        assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Instant;
 use redb::{ReadableDatabase, ReadableTable};
 use tracing::{info, warn};
 
-use crate::completion::{self, Pending};
+use crate::completion::{self, Notifier, Pending};
 use crate::error::{Error, Result, index, io};
 use crate::index::{self, Checkpoint, IndexEntry};
 use crate::options::{
@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub indexed_position: AtomicU64,
     /// Set when an index write failed (the writer then fails the log).
     pub index_error: Mutex<Option<String>>,
+    /// Wakes the threads blocked on appends, once per group commit.
+    pub append_notifier: Arc<Notifier>,
     pub stats: Counters,
     /// Held while the log is open (an exclusive lock on `LOCK`).
     _lock: Box<dyn std::any::Any + Send + Sync>,
@@ -287,6 +289,7 @@ impl EventLog {
             unindexed: Mutex::new(HashMap::new()),
             indexed_position: AtomicU64::new(head_position),
             index_error: Mutex::new(None),
+            append_notifier: Arc::new(Notifier::default()),
             stats: Counters::default(),
             _lock: lock,
         });
@@ -321,7 +324,7 @@ impl EventLog {
     /// resolves once the event is durable, or can be waited on with [`Pending::wait`].
     /// Blocks briefly only when the writer's queue is full.
     pub fn append_async(&self, request: AppendRequest) -> Pending<Appended> {
-        let (done, pending) = completion::pair();
+        let (done, pending) = completion::pair_with(&self.shared().append_notifier);
         let len_bytes = match self.shared().options.check_request(&request) {
             Ok(len) => len,
             Err(e) => return completion::ready(Err(e)),
@@ -342,7 +345,7 @@ impl EventLog {
 
     /// [`EventLog::append_batch`] as a future.
     pub fn append_batch_async(&self, requests: Vec<AppendRequest>) -> Pending<Vec<Appended>> {
-        let (done, pending) = completion::pair();
+        let (done, pending) = completion::pair_with(&self.shared().append_notifier);
         let len_bytes = match self.shared().options.check_batch(&requests) {
             Ok(len) => len,
             Err(e) => return completion::ready(Err(e)),

@@ -58,16 +58,18 @@ enum Waiter {
 }
 
 impl Waiter {
+    /// Fills the waiter's result; its thread wakes at the next [`Writer::wake_waiters`].
     fn complete(self) {
         match self {
-            Waiter::One(done, result) => done.complete(Ok(result)),
-            Waiter::Many(done, result) => done.complete(Ok(result)),
+            Waiter::One(done, result) => done.complete_deferred(Ok(result)),
+            Waiter::Many(done, result) => done.complete_deferred(Ok(result)),
         }
     }
+    /// Fails the waiter; its thread wakes at the next [`Writer::wake_waiters`].
     fn fail(self, error: &Error) {
         match self {
-            Waiter::One(done, _) => done.complete(Err(error.duplicate())),
-            Waiter::Many(done, _) => done.complete(Err(error.duplicate())),
+            Waiter::One(done, _) => done.complete_deferred(Err(error.duplicate())),
+            Waiter::Many(done, _) => done.complete_deferred(Err(error.duplicate())),
         }
     }
 }
@@ -101,7 +103,9 @@ pub(crate) struct Writer {
     /// Ids written but not yet in redb, and the same in position order for pruning.
     recent_ids: HashMap<[u8; 16], Appended>,
     recent_order: VecDeque<([u8; 16], u64)>,
-    /// Largest id key written so far: time-ordered (UUIDv7) ids above it skip the index read.
+    /// Largest id key the index can hold: the largest at open, raised as ids leave
+    /// `recent_ids` for the index. An id above it that is not in `recent_ids` is new without an
+    /// index read (time-ordered UUIDv7 ids mostly are, even from many interleaved writers).
     max_id_key: u128,
     /// The dedup table, read once per group.
     id_table: Option<redb::ReadOnlyTable<u128, u64>>,
@@ -111,6 +115,8 @@ pub(crate) struct Writer {
     unsynced: Vec<IndexEntry>,
     unsynced_bytes: u64,
     waiters: Vec<Waiter>,
+    /// Appends were completed (deferred) and their threads are not woken yet.
+    wake_pending: bool,
     sync_deadline: Option<Instant>,
     /// Durable, not yet in redb.
     pending_index: Vec<IndexEntry>,
@@ -184,6 +190,7 @@ impl Writer {
             unsynced: Vec::new(),
             unsynced_bytes: 0,
             waiters: Vec::new(),
+            wake_pending: false,
             sync_deadline: None,
             pending_index: Vec::new(),
             durable: init.checkpoint,
@@ -309,6 +316,8 @@ impl Writer {
             }
             self.id_table = None;
             self.commit_group();
+            // Appends answered while staging (duplicates, conflicts) whose group did not sync.
+            self.wake_waiters();
             let mut stop = false;
             for control in controls {
                 stop |= self.control(control);
@@ -335,6 +344,20 @@ impl Writer {
             }
         }
         next
+    }
+
+    /// Answers an append now; its thread wakes at the next [`Writer::wake_waiters`].
+    fn answer<T>(&mut self, done: Completer<T>, result: Result<T>) {
+        done.complete_deferred(result);
+        self.wake_pending = true;
+    }
+
+    /// Wakes every thread blocked on an append answered since the last call: one broadcast for
+    /// the whole group instead of one wake-up per waiter.
+    fn wake_waiters(&mut self) {
+        if std::mem::take(&mut self.wake_pending) {
+            self.shared.append_notifier.notify_all();
+        }
     }
 
     fn timestamp(&mut self) -> u64 {
@@ -375,6 +398,7 @@ impl Writer {
                 break;
             }
             self.recent_order.pop_front();
+            self.max_id_key = self.max_id_key.max(index::id_key(&id));
             if self.recent_ids.get(&id).is_some_and(|a| a.position == position) {
                 self.recent_ids.remove(&id);
             }
@@ -421,7 +445,6 @@ impl Writer {
         }
         self.recent_ids.insert(request.event_id, appended);
         self.recent_order.push_back((request.event_id, position));
-        self.max_id_key = self.max_id_key.max(index::id_key(&request.event_id));
         self.unsynced.push(IndexEntry {
             position,
             stream: request.stream.clone(),
@@ -444,13 +467,14 @@ impl Writer {
 
     fn stage_one(&mut self, request: AppendRequest, done: Completer<Appended>) {
         if let Some(e) = &self.failed {
-            return done.complete(Err(e.duplicate()));
+            let e = e.duplicate();
+            return self.answer(done, Err(e));
         }
         match self.lookup_id(&request.event_id) {
-            Err(e) => return done.complete(Err(e)),
+            Err(e) => return self.answer(done, Err(e)),
             Ok(Some(original)) => {
                 if original.position <= self.durable.position {
-                    return done.complete(Ok(original));
+                    return self.answer(done, Ok(original));
                 }
                 self.note_durability(request.durability);
                 self.waiters.push(Waiter::One(done, original));
@@ -462,11 +486,8 @@ impl Writer {
         if let Some(expected) = request.expected_version
             && expected != current
         {
-            return done.complete(Err(Error::Conflict {
-                stream: request.stream,
-                expected,
-                actual: current,
-            }));
+            let conflict = Error::Conflict { stream: request.stream, expected, actual: current };
+            return self.answer(done, Err(conflict));
         }
         let appended = self.stage_event(&request, current + 1, 0);
         self.note_durability(request.durability);
@@ -475,14 +496,15 @@ impl Writer {
 
     fn stage_batch(&mut self, requests: Vec<AppendRequest>, done: Completer<Vec<Appended>>) {
         if let Some(e) = &self.failed {
-            return done.complete(Err(e.duplicate()));
+            let e = e.duplicate();
+            return self.answer(done, Err(e));
         }
         // Check everything before staging anything: the batch is atomic.
         let mut originals = Vec::with_capacity(requests.len());
         for request in &requests {
             match self.lookup_id(&request.event_id) {
                 Ok(found) => originals.push(found),
-                Err(e) => return done.complete(Err(e)),
+                Err(e) => return self.answer(done, Err(e)),
             }
         }
         let mut versions: HashMap<&str, u64> = HashMap::new();
@@ -496,11 +518,9 @@ impl Writer {
             if let Some(expected) = request.expected_version
                 && expected != current
             {
-                return done.complete(Err(Error::Conflict {
-                    stream: request.stream.clone(),
-                    expected,
-                    actual: current,
-                }));
+                let conflict =
+                    Error::Conflict { stream: request.stream.clone(), expected, actual: current };
+                return self.answer(done, Err(conflict));
             }
             versions.insert(&request.stream, current + 1);
         }
@@ -520,7 +540,7 @@ impl Writer {
             results.push(appended);
         }
         if all_durable {
-            return done.complete(Ok(results));
+            return self.answer(done, Ok(results));
         }
         let durability = if requests.iter().any(|r| r.durability == Durability::Immediate) {
             Durability::Immediate
@@ -645,7 +665,9 @@ impl Writer {
         }
         for waiter in self.waiters.drain(..) {
             waiter.complete();
+            self.wake_pending = true;
         }
+        self.wake_waiters();
         Ok(())
     }
 
@@ -653,7 +675,9 @@ impl Writer {
         error!(error = %e, "event log write failed; the log refuses further writes until reopened");
         for waiter in self.waiters.drain(..) {
             waiter.fail(&e);
+            self.wake_pending = true;
         }
+        self.wake_waiters();
         self.spans.clear();
         self.buf.clear();
         self.unsynced.clear();
