@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -425,14 +426,17 @@ impl Writer {
             }
             self.recent_order.pop_front();
             self.max_id_key = self.max_id_key.max(index::id_key(&id));
-            if self.recent_ids.get(&id).is_some_and(|a| a.position == position) {
-                self.recent_ids.remove(&id);
+            if let Entry::Occupied(entry) = self.recent_ids.entry(id)
+                && entry.get().position == position
+            {
+                entry.remove();
             }
         }
     }
 
-    /// Encodes one event at the next position into the group buffer.
-    fn stage_event(&mut self, request: &AppendRequest, version: u64, flags: u8) -> Appended {
+    /// Encodes one event at the next position into the group buffer (the caller has set its
+    /// stream's version in `streams`); the request's stream name moves into the index entry.
+    fn stage_event(&mut self, request: AppendRequest, version: u64, flags: u8) -> Appended {
         let position = self.position + 1;
         let timestamp_ms = self.timestamp();
         let hash = record::event_hash(
@@ -463,17 +467,11 @@ impl Writer {
         let appended = Appended { position, stream_version: version, hash };
         self.position = position;
         self.hash = hash;
-        match self.streams.get_mut(request.stream.as_str()) {
-            Some(v) => *v = version,
-            None => {
-                self.streams.insert(request.stream.clone(), version);
-            }
-        }
         self.recent_ids.insert(request.event_id, appended);
         self.recent_order.push_back((request.event_id, position));
         self.unsynced.push(IndexEntry {
             position,
-            stream: request.stream.clone(),
+            stream: request.stream,
             stream_version: version,
             event_id: request.event_id,
             locator: None,
@@ -508,15 +506,23 @@ impl Writer {
             }
             Ok(None) => {}
         }
-        let current = self.streams.get(&request.stream).copied().unwrap_or(0);
+        // One stream lookup: read the version, check it, then set the next one.
+        let stream_version = self.streams.get_mut(request.stream.as_str());
+        let current = stream_version.as_deref().copied().unwrap_or(0);
         if let Some(expected) = request.expected_version
             && expected != current
         {
             let conflict = Error::Conflict { stream: request.stream, expected, actual: current };
             return self.answer(done, Err(conflict));
         }
-        let appended = self.stage_event(&request, current + 1, 0);
+        match stream_version {
+            Some(version) => *version = current + 1,
+            None => {
+                self.streams.insert(request.stream.clone(), current + 1);
+            }
+        }
         self.note_durability(request.durability);
+        let appended = self.stage_event(request, current + 1, 0);
         self.waiters.push(Waiter::One(done, appended));
     }
 
@@ -550,24 +556,6 @@ impl Writer {
             }
             versions.insert(&request.stream, current + 1);
         }
-        let last_new = originals.iter().rposition(Option::is_none);
-        let mut results = Vec::with_capacity(requests.len());
-        let mut all_durable = true;
-        for (i, (request, original)) in requests.iter().zip(originals).enumerate() {
-            let appended = match original {
-                Some(original) => original,
-                None => {
-                    let version = self.streams.get(&request.stream).copied().unwrap_or(0) + 1;
-                    let flags = if Some(i) == last_new { 0 } else { FLAG_BATCH_CONTINUES };
-                    self.stage_event(request, version, flags)
-                }
-            };
-            all_durable &= appended.position <= self.durable.position;
-            results.push(appended);
-        }
-        if all_durable {
-            return self.answer(done, Ok(results));
-        }
         let durability = if requests.iter().any(|r| r.durability == Durability::Immediate) {
             Durability::Immediate
         } else {
@@ -580,6 +568,33 @@ impl Writer {
                 .min()
                 .map_or(Durability::Immediate, Durability::Within)
         };
+        let last_new = originals.iter().rposition(Option::is_none);
+        let mut results = Vec::with_capacity(requests.len());
+        let mut all_durable = true;
+        for (i, (request, original)) in requests.into_iter().zip(originals).enumerate() {
+            let appended = match original {
+                Some(original) => original,
+                None => {
+                    let version = match self.streams.get_mut(request.stream.as_str()) {
+                        Some(version) => {
+                            *version += 1;
+                            *version
+                        }
+                        None => {
+                            self.streams.insert(request.stream.clone(), 1);
+                            1
+                        }
+                    };
+                    let flags = if Some(i) == last_new { 0 } else { FLAG_BATCH_CONTINUES };
+                    self.stage_event(request, version, flags)
+                }
+            };
+            all_durable &= appended.position <= self.durable.position;
+            results.push(appended);
+        }
+        if all_durable {
+            return self.answer(done, Ok(results));
+        }
         self.note_durability(durability);
         self.waiters.push(Waiter::Many(done, results));
     }
