@@ -1,10 +1,12 @@
 //! What every Keel service shares: the common flags, tracing, `/healthz` `/readyz`
-//! `/metrics`, the NATS connection, graceful shutdown and the JSON error type.
+//! `/metrics`, the NATS connection, graceful shutdown, the JSON error type and bearer-token
+//! authentication ([`auth`]).
 //!
 //! A service's `main.rs` parses its config with [`config::parse_or_exit`], calls
 //! [`telemetry::init_tracing`], and hands a router built on [`http::base_router`] to
 //! [`http::serve`] together with [`shutdown::signal`].
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -3,15 +3,18 @@
 //! Engage: validate, publish `edge.safety.trip` at once, propose, answer once committed or
 //! 503 `no_quorum` after the commit timeout (a retry with the same `request_id` is safe: the
 //! state machine answers a repeated id with its first result). Clear: validate, propose,
-//! answer once committed; no trip ever clears. Reads: ReadIndex (linearizable) unless
-//! `?stale=true`.
+//! answer once committed; no trip ever clears; a clear needs a reason. Reads: ReadIndex
+//! (linearizable) unless `?stale=true`. With a token file (`--auth-tokens-file`), HTTP
+//! engage needs an authenticated caller and clear the `safety` role (DESIGN §2.7), and the
+//! audit records the caller's name.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use raft_safety::estop::{AuditRecord, TEXT_FIELD_BYTES_MAX};
 use raft_safety::{
@@ -19,6 +22,7 @@ use raft_safety::{
     ReadError,
 };
 use serde_json::{Value, json};
+use service_kit::auth::Tokens;
 use service_kit::{ApiError, ApiJson};
 use wire::json::{EstopClear, EstopRequest, SafetyTrip};
 
@@ -28,6 +32,8 @@ use crate::Config;
 pub const TRIP_PUBLISH_TIMEOUT_MS: u64 = 20;
 /// Pause between two proposals of the same request after an "outcome unknown" answer.
 pub const PROPOSE_RETRY_PAUSE_MS: u64 = 5;
+/// The role a caller needs to clear the e-stop when authentication is on.
+pub const CLEAR_ROLE: &str = "safety";
 
 /// What handlers share; cheap to clone.
 #[derive(Clone)]
@@ -36,6 +42,7 @@ pub struct App {
     nats: Option<async_nats::Client>,
     commit_timeout: Duration,
     peers: BTreeMap<u64, SocketAddr>,
+    auth: Option<Arc<Tokens>>,
 }
 
 impl std::fmt::Debug for App {
@@ -63,7 +70,19 @@ impl Op {
 impl App {
     /// Handlers over `raft`; `nats` carries trips (None in router-only tests).
     pub fn new(raft: RaftHandle, nats: Option<async_nats::Client>, config: &Config) -> Self {
-        Self { raft, nats, commit_timeout: config.commit_timeout(), peers: config.peers.0.clone() }
+        Self {
+            raft,
+            nats,
+            commit_timeout: config.commit_timeout(),
+            peers: config.peers.0.clone(),
+            auth: None,
+        }
+    }
+
+    /// Requires bearer tokens from `tokens` on HTTP engage and clear.
+    pub fn with_auth(mut self, tokens: Tokens) -> Self {
+        self.auth = Some(Arc::new(tokens));
+        self
     }
 
     /// As [`App::new`] with explicit settings (tests).
@@ -73,11 +92,17 @@ impl App {
         commit_timeout: Duration,
         peers: BTreeMap<u64, SocketAddr>,
     ) -> Self {
-        Self { raft, nats, commit_timeout, peers }
+        Self { raft, nats, commit_timeout, peers, auth: None }
     }
 
-    /// Engages the e-stop: trip first, then commit.
+    /// Engages the e-stop: trip first, then commit. The audit records `source` as who.
     pub async fn engage(&self, request: EstopRequest) -> Result<Value, ApiError> {
+        let who = request.source.clone();
+        self.engage_as(request, who).await
+    }
+
+    /// [`App::engage`] recording `who` (the authenticated caller) in the audit.
+    async fn engage_as(&self, request: EstopRequest, who: String) -> Result<Value, ApiError> {
         check_text("reason", &request.reason)?;
         check_text("source", &request.source)?;
         check_text("request_id", &request.request_id)?;
@@ -85,8 +110,7 @@ impl App {
         let command = EStopCommand::Engage {
             request_id: request.request_id.clone(),
             reason: request.reason,
-            // The contract's body names the source only; it is who the audit records.
-            who: request.source.clone(),
+            who,
             source: request.source,
             at_ms: now_ms(),
         };
@@ -96,17 +120,18 @@ impl App {
         Ok(answer(&response))
     }
 
-    /// Clears the e-stop once committed.
+    /// Clears the e-stop once committed; `reason` is required (DESIGN §2.7).
     pub async fn clear(&self, request: EstopClear) -> Result<Value, ApiError> {
         check_text("by", &request.by)?;
         check_text("request_id", &request.request_id)?;
-        if let Some(reason) = &request.reason {
-            check_text("reason", reason)?;
-        }
+        let Some(reason) = request.reason else {
+            return Err(ApiError::bad_request("missing_reason", "a clear needs a reason"));
+        };
+        check_text("reason", &reason)?;
         let command = EStopCommand::Clear {
             request_id: request.request_id.clone(),
             by: request.by.clone(),
-            reason: request.reason.unwrap_or_default(),
+            reason,
             at_ms: now_ms(),
         };
         let applied = self.commit(command.encode(), Op::Clear).await?;
@@ -333,15 +358,31 @@ pub fn router(app: App) -> axum::Router {
 
 async fn post_engage(
     State(app): State<App>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<EstopRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
-    app.engage(request).await.map(ApiJson)
+    let who = match &app.auth {
+        Some(tokens) => tokens.identify(&headers)?.name.clone(),
+        None => request.source.clone(),
+    };
+    app.engage_as(request, who).await.map(ApiJson)
 }
 
 async fn post_clear(
     State(app): State<App>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<EstopClear>,
 ) -> Result<ApiJson<Value>, ApiError> {
+    if let Some(tokens) = &app.auth {
+        let caller = tokens.require(&headers, CLEAR_ROLE)?;
+        if caller.name != request.by {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("by is {:?}, the caller is {:?}", request.by, caller.name),
+            ));
+        }
+    }
     app.clear(request).await.map(ApiJson)
 }
 
@@ -390,12 +431,19 @@ mod tests {
 
     /// A single member on an in-memory store, its router with the shared layers.
     async fn single() -> (axum::Router, RaftHandle) {
+        single_with(None).await
+    }
+
+    async fn single_with(auth: Option<Tokens>) -> (axum::Router, RaftHandle) {
         let node = Node::new(NodeConfig::new(1, vec![1]), MemStore::new(), EStop::new()).unwrap();
         let (_tx, rx) = raft_safety::inbound_channel();
         let (raft, _task) = raft_safety::spawn(node, MemoryTransport::new(), rx);
         raft.wait_for(Duration::from_secs(5), |s| s.leader == Some(1)).await.unwrap();
         let peers = BTreeMap::from([(1, "127.0.0.1:1".parse().unwrap())]);
-        let app = App::with_settings(raft.clone(), None, Duration::from_secs(2), peers);
+        let mut app = App::with_settings(raft.clone(), None, Duration::from_secs(2), peers);
+        if let Some(tokens) = auth {
+            app = app.with_auth(tokens);
+        }
         let limits =
             service_kit::http::HttpLimits { body_limit_bytes: 4096, request_timeout_ms: 5_000 };
         let router =
@@ -404,16 +452,72 @@ mod tests {
     }
 
     async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (u16, Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap();
+        call_as(app, None, method, path, body).await
+    }
+
+    async fn call_as(
+        app: &axum::Router,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, Value) {
+        let mut request =
+            Request::builder().method(method).uri(path).header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Body::from(body.to_owned())).unwrap();
         let response = app.clone().oneshot(request).await.unwrap();
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn with_a_token_file_engage_needs_a_caller_and_clear_the_safety_role() {
+        let tokens = Tokens::parse(&format!(
+            "alice safety {}\npanel-3 operator {}\n",
+            service_kit::auth::hash_token("alice-secret"),
+            service_kit::auth::hash_token("panel-secret")
+        ))
+        .unwrap();
+        let (app, _raft) = single_with(Some(tokens)).await;
+        let engage = r#"{"reason":"person in cell","source":"panel-3","request_id":"r1"}"#;
+        let clear = r#"{"by":"alice","request_id":"c1","reason":"cell checked"}"#;
+        for (token, path, body, status, error) in [
+            (None, "/estop", engage, 401, "unauthenticated"),
+            (Some("wrong"), "/estop", engage, 401, "unauthenticated"),
+            (None, "/estop/clear", clear, 401, "unauthenticated"),
+            (Some("panel-secret"), "/estop/clear", clear, 403, "forbidden"),
+            (
+                Some("alice-secret"),
+                "/estop/clear",
+                r#"{"by":"bob","request_id":"c1","reason":"x"}"#,
+                403,
+                "forbidden",
+            ),
+        ] {
+            let (got, answer) = call_as(&app, token, "POST", path, body).await;
+            assert_eq!((got, answer["error"].as_str()), (status, Some(error)), "{path} {body}");
+        }
+        let (_, state) = call(&app, "GET", "/estop", "").await;
+        assert_eq!(state["engaged"], false, "a refused request changes nothing");
+
+        let (status, _) = call_as(&app, Some("panel-secret"), "POST", "/estop", engage).await;
+        assert_eq!(status, 200);
+        let (_, state) = call(&app, "GET", "/estop", "").await;
+        assert_eq!(
+            (state["engaged"].clone(), state["who"].clone()),
+            (json!(true), json!("panel-3"))
+        );
+        let (status, _) = call_as(&app, Some("alice-secret"), "POST", "/estop/clear", clear).await;
+        assert_eq!(status, 200);
+        let (_, state) = call(&app, "GET", "/estop", "").await;
+        assert_eq!(
+            (state["engaged"].clone(), state["who"].clone()),
+            (json!(false), json!("alice"))
+        );
     }
 
     #[tokio::test]
@@ -442,7 +546,8 @@ mod tests {
         );
 
         let (status, cleared) =
-            call(&app, "POST", "/estop/clear", r#"{"by":"bob","request_id":"c1"}"#).await;
+            call(&app, "POST", "/estop/clear", r#"{"by":"bob","request_id":"c1","reason":"ok"}"#)
+                .await;
         assert_eq!((status, cleared["engaged"].clone()), (200, json!(false)));
         let (_, stale) = call(&app, "GET", "/estop?stale=true", "").await;
         assert_eq!((stale["engaged"].clone(), stale["who"].clone()), (json!(false), json!("bob")));
@@ -505,6 +610,7 @@ mod tests {
             ),
             ("/estop", "[]".into(), 400, "invalid_body"),
             ("/estop/clear", r#"{"request_id":"c"}"#.into(), 400, "invalid_body"),
+            ("/estop/clear", r#"{"by":"b","request_id":"c"}"#.into(), 400, "missing_reason"),
             ("/estop/clear", r#"{"by":"","request_id":"c"}"#.into(), 400, "invalid_body"),
             (
                 "/estop/clear",

@@ -72,6 +72,13 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_INTERVAL_ENTRIES", default_value_t = raft_safety::config::SNAPSHOT_INTERVAL_ENTRIES_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_interval_entries: u64,
+
+    /// Token file (`service_kit::auth`: `name roles sha256-of-token` per line). When set,
+    /// `POST /estop` needs any caller's bearer token and `POST /estop/clear` one with the
+    /// `safety` role, and the audit records the caller's name. Unset: HTTP is open (a
+    /// warning says so at start). NATS engage requests are left to the broker's own auth.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
 }
 
 /// Raft member id -> peer address.
@@ -139,9 +146,19 @@ impl Config {
         Duration::from_millis(self.commit_timeout_ms)
     }
 
+    /// The callers `--auth-tokens-file` names, `None` without the flag.
+    pub fn auth_tokens(&self) -> Result<Option<service_kit::auth::Tokens>, String> {
+        self.auth_tokens_file
+            .as_deref()
+            .map(|path| {
+                service_kit::auth::Tokens::load(path).map_err(|e| format!("--auth-tokens-file {e}"))
+            })
+            .transpose()
+    }
+
     /// Checks what clap cannot and prepares the data dir; exits 64 when invalid.
     pub fn validate_or_exit(&self) {
-        if let Err(reason) = self.node_config() {
+        if let Err(reason) = self.node_config().and_then(|_| self.auth_tokens().map(drop)) {
             service_kit::config::exit_invalid(&reason);
         }
         service_kit::ensure_data_dir(&self.common.data_dir);
@@ -160,7 +177,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     readiness.set(COMPONENT_RECOVERED, ComponentState::Ok);
     tracing::info!(member = member.id, peers = ?config.peers.0, "raft member running");
 
-    let app = App::new(member.raft.clone(), Some(nats.clone()), &config);
+    let mut app = App::new(member.raft.clone(), Some(nats.clone()), &config);
+    match config.auth_tokens().map_err(anyhow::Error::msg)? {
+        Some(tokens) => app = app.with_auth(tokens),
+        None => tracing::warn!(
+            "no --auth-tokens-file: anyone who reaches the HTTP port can engage and clear"
+        ),
+    }
     let (stop_trigger, stop) = Shutdown::new();
     let publisher = tokio::spawn(publisher::publish_state(
         member.raft.clone(),

@@ -17,3 +17,20 @@ fn bad_flag_value_exits_64_with_a_reason() {
     )
     .unwrap();
 }
+
+#[test]
+fn an_unreadable_or_malformed_token_file_exits_64_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let malformed = dir.path().join("tokens");
+    std::fs::write(&malformed, "alice safety not-a-hash\n").unwrap();
+    let missing = dir.path().join("absent");
+    for file in [&malformed, &missing] {
+        let file = file.to_str().unwrap();
+        testkit::conformance::invalid_flag_exits_64(
+            BIN,
+            &["--node-id", "1", "--auth-tokens-file", file],
+            "--auth-tokens-file",
+        )
+        .unwrap();
+    }
+}
