@@ -109,7 +109,11 @@ impl Tokens {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| {
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                let scheme = v.get(..7)?;
+                scheme.eq_ignore_ascii_case("bearer ").then(|| &v[7..])
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= TOKEN_BYTES_MAX)
             .ok_or_else(|| unauthenticated("the Authorization header is not a bearer token"))?;
@@ -179,6 +183,9 @@ mod tests {
     fn callers_are_named_by_their_token_and_roles_are_checked() {
         let tokens = tokens();
         assert_eq!(tokens.identify(&bearer("alice-secret")).unwrap().name, "alice");
+        let mut lower = HeaderMap::new();
+        lower.insert(AUTHORIZATION, HeaderValue::from_static("bearer alice-secret"));
+        assert_eq!(tokens.identify(&lower).unwrap().name, "alice");
         assert_eq!(tokens.require(&bearer("alice-secret"), "safety").unwrap().name, "alice");
         let panel = tokens.identify(&bearer("panel-secret")).unwrap();
         assert_eq!((panel.name.as_str(), panel.has_role("safety")), ("panel-3", false));
