@@ -129,6 +129,15 @@ pub(crate) fn ready<T>(value: Result<T>) -> Pending<T> {
 }
 
 impl<T> Completer<T> {
+    /// Whether a thread noted it sleeps on this completion (tests wait on it instead of
+    /// sleeping: with a notifier, one that noted it holds the notifier's lock until it sleeps).
+    #[cfg(test)]
+    fn has_waiter(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|shared| shared.slot.lock().unwrap_or_else(|e| e.into_inner()).waiting)
+    }
+
     pub(crate) fn complete(mut self, value: Result<T>) {
         if let Some(shared) = self.shared.take() {
             shared.fill(value, Wake::Now);
@@ -247,6 +256,15 @@ mod tests {
         assert_eq!(got.unwrap(), 1);
     }
 
+    /// Waits (with a deadline) until a thread sleeps, or is about to, on every completion.
+    fn wait_for_waiters<T>(completers: &[Completer<T>]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !completers.iter().all(Completer::has_waiter) {
+            assert!(Instant::now() < deadline, "the waiters never blocked");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn one_notify_wakes_every_deferred_waiter() {
         let notifier = Arc::new(Notifier::default());
@@ -256,7 +274,7 @@ mod tests {
                 (c, std::thread::spawn(move || p.wait().unwrap() + i))
             })
             .unzip();
-        std::thread::sleep(Duration::from_millis(20));
+        wait_for_waiters(&completers);
         for c in completers {
             c.complete_deferred(Ok(100));
         }
@@ -271,7 +289,9 @@ mod tests {
         let (c, p) = pair_with::<u32>(&notifier);
         let p = p.wait_until(Instant::now() + Duration::from_millis(1)).unwrap_err();
         let t = std::thread::spawn(move || p.wait());
-        std::thread::sleep(Duration::from_millis(20));
+        // The timed-out wait above already noted a waiter, so this may not wait for the
+        // thread to sleep; the dropped completer is seen either way.
+        wait_for_waiters(std::slice::from_ref(&c));
         drop(c);
         assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
     }
