@@ -1,6 +1,7 @@
 //! The event-log bench binary: measures the floor F (200-byte append + fdatasync on a
 //! preallocated file) and, in the same run and directory, the log's single-writer and
-//! 64-writer durable appends and device bytes per commit/event (from /proc/self/io and the
+//! 64-writer durable appends (64 tasks on a multi-thread tokio runtime, the primary case; 64
+//! OS threads; 64 appends in flight from one thread) and device bytes per commit/event (from /proc/self/io and the
 //! block device's counters), and (with `--features nats-peer`) the same workload on a local
 //! nats-server with JetStream file storage (R1). Recovery is measured by the snapshotter's
 //! `recovery-bench` example.
@@ -13,6 +14,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,10 @@ struct Args {
     per_writer_events: usize,
     nats: bool,
     steady_secs: u64,
+    /// Steady state compacts (like a service after its snapshots) every this often...
+    steady_compact_every: Duration,
+    /// ...keeping this many events below the head; `None`: no compaction.
+    steady_keep_events: Option<u64>,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +51,8 @@ fn parse_args() -> Args {
         per_writer_events: 500,
         nats: true,
         steady_secs: 12,
+        steady_compact_every: Duration::from_millis(500),
+        steady_keep_events: Some(300_000),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +64,13 @@ fn parse_args() -> Args {
             "--per-writer-events" => args.per_writer_events = value().parse().expect("number"),
             "--no-nats" => args.nats = false,
             "--steady-secs" => args.steady_secs = value().parse().expect("number"),
+            "--steady-compact-every-ms" => {
+                args.steady_compact_every = Duration::from_millis(value().parse().expect("number"))
+            }
+            "--steady-keep-events" => {
+                args.steady_keep_events = Some(value().parse().expect("number"))
+            }
+            "--no-steady-compaction" => args.steady_keep_events = None,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -296,7 +311,7 @@ fn concurrent(dir: &Path, log: &EventLog, first: u64, per_writer: usize) -> Run 
     let events = (WRITERS * per_writer) as u64;
     let commits = log.stats().group_commits - commits_before;
     Run {
-        name: format!("event-log: {WRITERS} writers, 128 B, Immediate"),
+        name: format!("event-log: {WRITERS} writer threads, 128 B, Immediate"),
         events,
         commits,
         elapsed,
@@ -306,40 +321,175 @@ fn concurrent(dir: &Path, log: &EventLog, first: u64, per_writer: usize) -> Run 
     }
 }
 
-/// Appends for `secs` seconds with `in_flight` appends outstanding (1: a lone writer), with
-/// the index's writes and checkpoints at their default cadence; bytes from /proc/self/io.
-fn steady(dir: &Path, log: &EventLog, in_flight: usize, secs: u64) -> Value {
+/// 64 tasks on a multi-thread tokio runtime, each awaiting its `append_async` before the next
+/// (how a service appends from many tasks); an ack's latency runs from the call to the wake-up.
+fn tasks(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    log: &EventLog,
+    first: u64,
+    per_writer: usize,
+) -> Run {
+    let bytes_before = write_bytes(None);
+    let disk_before = device_write_bytes(dir);
+    let commits_before = log.stats().group_commits;
+    let (elapsed, latencies) = runtime.block_on(async {
+        let barrier = Arc::new(tokio::sync::Barrier::new(WRITERS + 1));
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let log = log.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    let stream = format!("arm-{w}");
+                    let mut latencies = Vec::with_capacity(per_writer);
+                    barrier.wait().await;
+                    for i in 0..per_writer as u64 {
+                        let t = Instant::now();
+                        log.append_async(request(first + w as u64 * 1_000_000 + i, &stream))
+                            .await
+                            .unwrap();
+                        latencies.push(t.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        barrier.wait().await;
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        for handle in handles {
+            latencies.extend(handle.await.unwrap());
+        }
+        (started.elapsed(), latencies)
+    });
+    let device_bytes = write_bytes(None) - bytes_before;
+    let disk_bytes = device_write_bytes(dir) - disk_before;
+    let events = (WRITERS * per_writer) as u64;
+    Run {
+        name: format!("event-log: {WRITERS} tasks (tokio, 2 workers), 128 B, Immediate"),
+        events,
+        commits: log.stats().group_commits - commits_before,
+        elapsed,
+        latencies: Latencies(latencies),
+        device_bytes,
+        disk_bytes,
+    }
+}
+
+/// The load of a steady-state run.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// One thread, one append at a time.
+    Single,
+    /// One thread keeping 64 appends in flight.
+    InFlight,
+    /// 64 tokio tasks.
+    Tasks,
+}
+
+/// Appends for `secs` seconds under `load`, with the index's writes and checkpoints at their
+/// default cadence and (unless turned off) a compaction every `steady_compact_every` keeping
+/// `steady_keep_events` below the head, as a service compacts after its snapshots; bytes from
+/// /proc/self/io.
+fn steady(
+    dir: &Path,
+    log: &EventLog,
+    runtime: &tokio::runtime::Runtime,
+    load: Load,
+    args: &Args,
+) -> Value {
+    let secs = args.steady_secs;
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
     let writer_before = thread_write_bytes("event-log-write");
     let index_before = thread_write_bytes("event-log-index");
     let stats_before = log.stats();
+    let stop = Arc::new(AtomicBool::new(false));
+    let compactor = args.steady_keep_events.map(|keep| {
+        let (log, stop, every) = (log.clone(), stop.clone(), args.steady_compact_every);
+        std::thread::spawn(move || {
+            let mut compactions = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(every);
+                let below = log.head().position.saturating_sub(keep);
+                log.compact(below).unwrap();
+                compactions += 1;
+            }
+            compactions
+        })
+    });
     let started = Instant::now();
-    let mut queue = std::collections::VecDeque::with_capacity(in_flight);
-    let mut n = 5_000_000_000u64 + in_flight as u64 * 1_000_000_000;
-    while started.elapsed() < Duration::from_secs(secs) {
-        while queue.len() < in_flight {
-            n += 1;
-            let stream = format!("arm-{}", n % 150);
-            queue.push_back(log.append_async(request(n, &stream)));
+    let deadline = started + Duration::from_secs(secs);
+    let base = 5_000_000_000u64 + (load as u64 + 1) * 1_000_000_000;
+    let latencies = match load {
+        Load::Single | Load::InFlight => {
+            let depth = if matches!(load, Load::Single) { 1 } else { WRITERS };
+            let mut latencies = Vec::new();
+            let mut queue = std::collections::VecDeque::with_capacity(depth);
+            let mut n = base;
+            while Instant::now() < deadline {
+                while queue.len() < depth {
+                    n += 1;
+                    let stream = format!("arm-{}", n % 150);
+                    queue.push_back((Instant::now(), log.append_async(request(n, &stream))));
+                }
+                let (t, pending) = queue.pop_front().unwrap();
+                pending.wait().unwrap();
+                latencies.push(t.elapsed());
+            }
+            for (t, pending) in queue {
+                pending.wait().unwrap();
+                latencies.push(t.elapsed());
+            }
+            latencies
         }
-        queue.pop_front().unwrap().wait().unwrap();
-    }
-    for pending in queue {
-        pending.wait().unwrap();
-    }
+        Load::Tasks => runtime.block_on(async {
+            let handles: Vec<_> = (0..WRITERS as u64)
+                .map(|w| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let stream = format!("arm-{w}");
+                        let mut latencies = Vec::new();
+                        let mut n = base + w * 10_000_000;
+                        while Instant::now() < deadline {
+                            n += 1;
+                            let t = Instant::now();
+                            log.append_async(request(n, &stream)).await.unwrap();
+                            latencies.push(t.elapsed());
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut latencies = Vec::new();
+            for handle in handles {
+                latencies.extend(handle.await.unwrap());
+            }
+            latencies
+        }),
+    };
     let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let compactions = compactor.map(|t| t.join().unwrap());
     let stats = log.stats();
     let events = stats.events - stats_before.events;
     let bytes = write_bytes(None) - bytes_before;
+    let latencies = Latencies(latencies);
     json!({
-        "in_flight": in_flight,
+        "load": format!("{load:?}"),
         "elapsed_s": elapsed.as_secs_f64(),
         "events": events,
         "events_per_s": events as f64 / elapsed.as_secs_f64(),
+        "p50_us": latencies.percentile_us(0.50),
+        "p99_us": latencies.percentile_us(0.99),
         "group_commits": stats.group_commits - stats_before.group_commits,
         "index_writes": stats.index_writes - stats_before.index_writes,
         "checkpoints": stats.checkpoints - stats_before.checkpoints,
+        "compactions": compactions,
+        "segments_zero_filled": stats.segments_zero_filled - stats_before.segments_zero_filled,
+        "segments_reused": stats.segments_reused - stats_before.segments_reused,
+        "segments_recycled": stats.segments_recycled - stats_before.segments_recycled,
+        "keep_events": args.steady_keep_events,
         "proc_write_bytes_per_event": bytes as f64 / events as f64,
         "writer_thread_bytes_per_event":
             (thread_write_bytes("event-log-write") - writer_before) as f64 / events as f64,
@@ -527,19 +677,30 @@ fn main() {
     // load hits all of them alike and the ratios stay meaningful.
     let mut floor_file = floor_file(&args.dir, 2 * args.single_events + 4096);
     let single_log = open_log(&args.dir, "single");
+    let task_log = open_log(&args.dir, "tasks");
     let many_log = open_log(&args.dir, "concurrent");
     let flight_log = open_log(&args.dir, "in-flight");
-    let (mut fs, mut singles, mut manys, mut flights, mut f_agains) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // What a service runs on: a multi-thread runtime with one worker per core.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (mut fs, mut singles, mut task_runs, mut manys, mut flights, mut f_agains) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let logs = [&single_log, &task_log, &many_log, &flight_log];
     for round in 0..ROUNDS {
         let first = 1 + (round * 1_000_000_000) as u64;
         // Index writes of the previous round happen here, outside every window: the rounds
         // measure the log's own writes; the steady-state runs below include the index.
-        for log in [&single_log, &many_log, &flight_log] {
+        for log in logs {
             log.checkpoint().unwrap();
         }
         fs.push(floor(&args.dir, &mut floor_file, args.single_events / ROUNDS));
         singles.push(single_writer(&args.dir, &single_log, first, args.single_events / ROUNDS));
+        task_runs.push(tasks(
+            &args.dir,
+            &runtime,
+            &task_log,
+            first,
+            args.per_writer_events / ROUNDS,
+        ));
         manys.push(concurrent(&args.dir, &many_log, first, args.per_writer_events / ROUNDS));
         flights.push(in_flight(
             &args.dir,
@@ -547,21 +708,25 @@ fn main() {
             first,
             WRITERS * args.per_writer_events / ROUNDS,
         ));
-        for log in [&single_log, &many_log, &flight_log] {
+        for log in logs {
             log.checkpoint().unwrap();
         }
         f_agains.push(floor(&args.dir, &mut floor_file, args.single_events / ROUNDS));
     }
     // Steady state: each load alone for a while, index writes and checkpoints at their own
     // cadence, everything the process writes counted.
-    let steady_single = steady(&args.dir, &single_log, 1, args.steady_secs);
-    let steady_flight = steady(&args.dir, &flight_log, WRITERS, args.steady_secs);
-    for log in [single_log, many_log, flight_log] {
+    let steady_single = steady(&args.dir, &single_log, &runtime, Load::Single, &args);
+    let steady_tasks = steady(&args.dir, &task_log, &runtime, Load::Tasks, &args);
+    let steady_flight = steady(&args.dir, &flight_log, &runtime, Load::InFlight, &args);
+    for log in [single_log, task_log, many_log, flight_log] {
         log.close().unwrap();
     }
     let steady_json = json!({
         "seconds": args.steady_secs,
+        "compact_every_ms": args.steady_compact_every.as_millis() as u64,
+        "keep_events": args.steady_keep_events,
         "single_writer": steady_single,
+        "tasks_64": steady_tasks,
         "in_flight_64": steady_flight,
     });
     let mut f = merge(fs);
@@ -570,6 +735,7 @@ fn main() {
     let mut f_again = f_after;
     f_again.name = "F (after each round)".into();
     let single = merge(singles);
+    let task_run = merge(task_runs);
     let many = merge(manys);
     let flight = merge(flights);
     #[cfg(feature = "nats-peer")]
@@ -584,8 +750,35 @@ fn main() {
     let fj = f.json();
     let ratio =
         |run: &Run, key: &str| run.json()[key].as_f64().unwrap() / fj[key].as_f64().unwrap();
-    let mut runs = vec![f.clone(), single.clone(), many.clone(), flight.clone(), f_again.clone()];
+    let mut runs = vec![
+        f.clone(),
+        single.clone(),
+        task_run.clone(),
+        many.clone(),
+        flight.clone(),
+        f_again.clone(),
+    ];
     println!("steady state: {}", serde_json::to_string(&steady_json).unwrap());
+    println!(
+        "| steady ({} s) | events/s | p50 µs | p99 µs | /proc B/event | writer | index | zero-filled / reused segments |",
+        args.steady_secs
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for key in ["single_writer", "tasks_64", "in_flight_64"] {
+        let j = &steady_json[key];
+        let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {key} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} / {} |",
+            f("events_per_s"),
+            f("p50_us"),
+            f("p99_us"),
+            f("proc_write_bytes_per_event"),
+            f("writer_thread_bytes_per_event"),
+            f("index_thread_bytes_per_event"),
+            j["segments_zero_filled"],
+            j["segments_reused"],
+        );
+    }
     if let Some((a, b)) = &peer {
         runs.push(a.clone());
         runs.push(b.clone());
@@ -616,7 +809,8 @@ fn main() {
         "floor": fj,
         "floor_again": f_again.json(),
         "single_writer": single.json(),
-        "concurrent_writers": many.json(),
+        "tasks": task_run.json(),
+        "concurrent_threads": many.json(),
         "in_flight": flight.json(),
         "steady_state": steady_json,
         "writers": WRITERS,
@@ -625,8 +819,10 @@ fn main() {
             "single_p50_over_f_p50": ratio(&single, "p50_us"),
             "single_p99_over_f_p99": ratio(&single, "p99_us"),
             "single_bytes_per_commit_over_f": ratio(&single, "device_bytes_per_commit"),
-            "concurrent_events_per_s_over_f_commits_per_s": many.json()["events_per_s"].as_f64().unwrap() / fj["commits_per_s"].as_f64().unwrap(),
-            "concurrent_p99_over_f_p99": ratio(&many, "p99_us"),
+            "tasks_events_per_s_over_f_commits_per_s": task_run.json()["events_per_s"].as_f64().unwrap() / fj["commits_per_s"].as_f64().unwrap(),
+            "tasks_p99_over_f_p99": ratio(&task_run, "p99_us"),
+            "concurrent_threads_events_per_s_over_f_commits_per_s": many.json()["events_per_s"].as_f64().unwrap() / fj["commits_per_s"].as_f64().unwrap(),
+            "concurrent_threads_p99_over_f_p99": ratio(&many, "p99_us"),
             "in_flight_events_per_s_over_f_commits_per_s": flight.json()["events_per_s"].as_f64().unwrap() / fj["commits_per_s"].as_f64().unwrap(),
             "in_flight_p99_over_f_p99": ratio(&flight, "p99_us"),
         },

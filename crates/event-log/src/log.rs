@@ -84,6 +84,9 @@ pub(crate) struct Counters {
     pub events: AtomicU64,
     pub index_writes: AtomicU64,
     pub checkpoints: AtomicU64,
+    pub segments_zero_filled: AtomicU64,
+    pub segments_reused: AtomicU64,
+    pub segments_recycled: AtomicU64,
 }
 
 /// What the writer has done since the log was opened.
@@ -97,6 +100,13 @@ pub struct Stats {
     pub index_writes: u64,
     /// Durable index checkpoints.
     pub checkpoints: u64,
+    /// Segments started in a file made by writing zeros.
+    pub segments_zero_filled: u64,
+    /// Segments started in a file that needed no zeros (a recycled segment, or one left from
+    /// an earlier run).
+    pub segments_reused: u64,
+    /// Compacted segments kept as the next segment's file instead of being removed.
+    pub segments_recycled: u64,
 }
 
 impl Shared {
@@ -400,6 +410,9 @@ impl EventLog {
             events: c.events.load(Ordering::Relaxed),
             index_writes: c.index_writes.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            segments_zero_filled: c.segments_zero_filled.load(Ordering::Relaxed),
+            segments_reused: c.segments_reused.load(Ordering::Relaxed),
+            segments_recycled: c.segments_recycled.load(Ordering::Relaxed),
         }
     }
 

@@ -22,8 +22,15 @@ pub const FLAG_BATCH_CONTINUES: u8 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 64;
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KEELSEG2";
-/// Version of the segment and record format.
-pub const SEGMENT_FORMAT_VERSION: u32 = 2;
+/// Version of the segment and record format the writer writes: 3 = every write ends with an
+/// end marker, and the file may be a recycled segment holding stale bytes past it (see
+/// `docs/FORMATS.md`). Version 2 segments (zero-filled, same records) are still read.
+pub const SEGMENT_FORMAT_VERSION: u32 = 3;
+/// Segment format versions this build reads.
+pub const SEGMENT_FORMAT_VERSIONS_READ: [u32; 2] = [2, 3];
+/// Bytes of the end marker written after the last record of every write: an all-zero record
+/// prefix (`body_len` = 0, CRC 0).
+pub const END_MARKER_BYTES: usize = RECORD_PREFIX_BYTES;
 
 /// Domain tag at the start of every hash input.
 const HASH_DOMAIN: &[u8] = b"keel.event.v1";
@@ -324,7 +331,8 @@ impl SegmentHeader {
         if &bytes[0..8] != SEGMENT_MAGIC {
             return None;
         }
-        if u32::from_le_bytes(bytes[8..12].try_into().ok()?) != SEGMENT_FORMAT_VERSION {
+        let version = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+        if !SEGMENT_FORMAT_VERSIONS_READ.contains(&version) {
             return None;
         }
         let crc = u32::from_le_bytes(bytes[56..60].try_into().ok()?);

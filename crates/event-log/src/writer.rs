@@ -20,7 +20,8 @@ use crate::index::{self, Checkpoint, IndexEntry, Locator};
 use crate::log::Shared;
 use crate::options::{AppendRequest, Appended, CompactReport, Durability, MAX_UNSYNCED_BYTES};
 use crate::record::{
-    self, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES, SegmentHeader,
+    self, END_MARKER_BYTES, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES,
+    SegmentHeader,
 };
 use crate::segment::{
     CLEAN_MARKER_NAME, PREALLOC_NAME, Segment, TEMP_SUFFIX, ZERO_CHUNK_BYTES, segment_name,
@@ -84,10 +85,13 @@ struct Span {
     prev_hash: Hash,
 }
 
+/// The file that becomes the next segment: zero-filled, or a recycled compacted segment.
 #[derive(Debug)]
 struct Prealloc {
     path: PathBuf,
     file: Arc<dyn VfsFile>,
+    /// Whether zeros were written to make it (a new file, not a reused one).
+    zero_filled: bool,
 }
 
 #[derive(Debug)]
@@ -131,7 +135,8 @@ pub(crate) struct Writer {
     events_since_checkpoint: u64,
     prune_streams_below: Option<u64>,
     prealloc: Option<JoinHandle<std::io::Result<Prealloc>>>,
-    prealloc_started: bool,
+    /// A compacted segment renamed to [`PREALLOC_NAME`], ready to become the next segment.
+    spare: Option<Prealloc>,
     last_timestamp_ms: u64,
     failed: Option<Error>,
     // Group scratch.
@@ -144,14 +149,15 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Makes (or reuses) the zero-filled file of the next segment. Only zeros are ever written to
-/// it, so a leftover of full length from an earlier run is as good as a new one.
+/// Makes (or reuses) the file of the next segment. A leftover of full length from an earlier
+/// run (zero-filled, or a recycled segment, maybe with a header already written) is as good as
+/// a new one: the roll writes the header and an end marker before any record.
 fn preallocate(vfs: &dyn Vfs, path: PathBuf, len_bytes: u64) -> std::io::Result<Prealloc> {
     if vfs.exists(&path)? {
         let file = vfs.open(&path, false)?;
         if file.len()? == len_bytes {
             file.sync_data()?;
-            return Ok(Prealloc { path, file });
+            return Ok(Prealloc { path, file, zero_filled: false });
         }
     }
     let file = vfs.open(&path, true)?;
@@ -164,7 +170,7 @@ fn preallocate(vfs: &dyn Vfs, path: PathBuf, len_bytes: u64) -> std::io::Result<
         at += n as u64;
     }
     file.sync_data()?;
-    Ok(Prealloc { path, file })
+    Ok(Prealloc { path, file, zero_filled: true })
 }
 
 impl Writer {
@@ -206,7 +212,7 @@ impl Writer {
             events_since_checkpoint: 0,
             prune_streams_below: None,
             prealloc: None,
-            prealloc_started: false,
+            spare: None,
             last_timestamp_ms: 0,
             failed: None,
             buf: Vec::new(),
@@ -215,8 +221,13 @@ impl Writer {
         }
     }
 
+    /// Starts making the next segment's file in the background, unless a spare (a recycled
+    /// segment) is there or one is being made.
     fn start_prealloc(&mut self) {
-        if !self.shared.options.background_preallocation || self.prealloc.is_some() {
+        if !self.shared.options.background_preallocation
+            || self.prealloc.is_some()
+            || self.spare.is_some()
+        {
             return;
         }
         let vfs = self.shared.vfs.clone();
@@ -232,6 +243,9 @@ impl Writer {
     }
 
     fn take_prealloc(&mut self) -> Result<Prealloc> {
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
+        }
         if let Some(handle) = self.prealloc.take() {
             match handle.join() {
                 Ok(result) => return result.map_err(io("preallocate segment")),
@@ -246,9 +260,16 @@ impl Writer {
     /// Seals the active segment (already synced by the caller) and starts a new one whose first
     /// record is `first_position`, durable together with its directory entry.
     fn roll(&mut self, first_position: u64, prev_hash: Hash) -> Result<()> {
-        let Prealloc { path: tmp, file } = self.take_prealloc()?;
+        let Prealloc { path: tmp, file, zero_filled } = self.take_prealloc()?;
+        let stats = &self.shared.stats;
+        let counter =
+            if zero_filled { &stats.segments_zero_filled } else { &stats.segments_reused };
+        counter.fetch_add(1, Ordering::Relaxed);
         let header = SegmentHeader { first_position, prev_hash };
-        file.write_all_at(&header.encode(), 0).map_err(io("write segment header"))?;
+        // The header and an end marker: a reused file holds stale bytes after the header.
+        let mut head = [0u8; SEGMENT_HEADER_BYTES + END_MARKER_BYTES];
+        head[..SEGMENT_HEADER_BYTES].copy_from_slice(&header.encode());
+        file.write_all_at(&head, 0).map_err(io("write segment header"))?;
         file.sync_data().map_err(io("sync segment header"))?;
         let path = join(&self.shared.dir, &segment_name(first_position));
         debug_assert!(tmp.to_string_lossy().ends_with(TEMP_SUFFIX));
@@ -268,7 +289,6 @@ impl Writer {
         }
         self.active = Some(segment);
         self.write_offset = SEGMENT_HEADER_BYTES as u64;
-        self.start_prealloc();
         Ok(())
     }
 
@@ -603,10 +623,14 @@ impl Writer {
     fn commit_group(&mut self) {
         let spans = std::mem::take(&mut self.spans);
         let buf = std::mem::take(&mut self.buf);
-        let result = self.write_spans(&buf, &spans);
-        if !spans.is_empty() && !self.prealloc_started {
-            // The first write of this run: get the next segment ready in the background.
-            self.prealloc_started = true;
+        let mut buf = buf;
+        let result = self.write_spans(&mut buf, &spans);
+        if let Some(active) = &self.active
+            && !spans.is_empty()
+            && self.write_offset > active.len_bytes / PREALLOC_AT_FILL_DIVISOR
+        {
+            // Half the segment is written: get the next one ready in the background, unless
+            // a compaction has recycled one by now.
             self.start_prealloc();
         }
         self.buf = buf;
@@ -622,7 +646,10 @@ impl Writer {
         }
     }
 
-    fn write_spans(&mut self, buf: &[u8], spans: &[Span]) -> Result<()> {
+    /// Writes the staged records (`buf`, which it may extend and shrink again), each write
+    /// followed by an end marker where the segment has room for one: a recycled segment holds
+    /// stale bytes after the written part, and a reader must find the end there.
+    fn write_spans(&mut self, buf: &mut Vec<u8>, spans: &[Span]) -> Result<()> {
         let Some(first) = spans.first() else { return Ok(()) };
         if self.active.is_none() {
             self.roll(first.position, first.prev_hash)?;
@@ -640,6 +667,10 @@ impl Writer {
                     .file
                     .write_all_at(&buf[pending_from..span.start], pending_offset)
                     .map_err(io("write segment"))?;
+                if cursor + END_MARKER_BYTES as u64 <= capacity {
+                    let marker = [0u8; END_MARKER_BYTES];
+                    active.file.write_all_at(&marker, cursor).map_err(io("write end marker"))?;
+                }
                 active.file.sync_data().map_err(io("sync segment"))?;
                 self.roll(span.position, span.prev_hash)?;
                 pending_from = span.start;
@@ -654,11 +685,14 @@ impl Writer {
             cursor += len;
         }
         let active = self.active.clone().expect("active segment");
-        active
-            .file
-            .write_all_at(&buf[pending_from..], pending_offset)
-            .map_err(io("write segment"))?;
-        self.unsynced_bytes += buf.len() as u64;
+        let records_end = buf.len();
+        if cursor + END_MARKER_BYTES as u64 <= active.len_bytes {
+            buf.resize(records_end + END_MARKER_BYTES, 0);
+        }
+        let written = active.file.write_all_at(&buf[pending_from..], pending_offset);
+        buf.truncate(records_end);
+        written.map_err(io("write segment"))?;
+        self.unsynced_bytes += records_end as u64;
         self.write_offset = cursor;
         Ok(())
     }
@@ -826,22 +860,49 @@ impl Writer {
         let first = segments.first().map_or(1, |s| s.header.first_position);
         let anchor = segments.first().map_or(GENESIS_HASH, |s| s.header.prev_hash);
         let mut bytes_removed = 0;
+        let segments_removed = removed.len();
         if !removed.is_empty() {
             {
                 let mut head = self.shared.head_state();
                 head.first_position = first;
                 head.anchor_hash = anchor;
             }
-            for segment in &removed {
+            // Lowest first, so a power cut keeps a contiguous run of segments whatever prefix
+            // of these directory changes survives.
+            for segment in removed {
                 bytes_removed += segment.len_bytes;
-                self.shared.vfs.remove(&segment.path).map_err(io("remove segment"))?;
+                self.recycle_or_remove(segment)?;
             }
             self.shared.vfs.sync_dir(&self.shared.dir).map_err(io("sync log directory"))?;
             self.sealed_bytes -= bytes_removed;
             self.shared.head_state().log_bytes = self.sealed_bytes + self.write_offset;
             self.prune_streams_below = Some(first);
         }
-        Ok(CompactReport { first_position: first, segments_removed: removed.len(), bytes_removed })
+        Ok(CompactReport { first_position: first, segments_removed, bytes_removed })
+    }
+
+    /// Takes a compacted segment out of use: renamed to [`PREALLOC_NAME`] as the next segment's
+    /// file when none is there or being made (no zeros to write for it; its stale records can
+    /// never continue the chain, see `docs/FORMATS.md`), else removed. Only a file no reader
+    /// still holds is recycled (a reader of compacted positions must not see new records).
+    fn recycle_or_remove(&mut self, segment: Arc<Segment>) -> Result<()> {
+        let vfs = self.shared.vfs.clone();
+        let segment = match Arc::try_unwrap(segment) {
+            Ok(segment)
+                if self.spare.is_none()
+                    && self.prealloc.is_none()
+                    && segment.len_bytes == self.shared.options.segment_bytes =>
+            {
+                segment
+            }
+            Ok(segment) => return vfs.remove(&segment.path).map_err(io("remove segment")),
+            Err(shared) => return vfs.remove(&shared.path).map_err(io("remove segment")),
+        };
+        let path = join(&self.shared.dir, PREALLOC_NAME);
+        vfs.rename(&segment.path, &path).map_err(io("recycle segment"))?;
+        self.spare = Some(Prealloc { path, file: segment.file, zero_filled: false });
+        self.shared.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Handles a control command; returns true when the writer must stop.
@@ -913,6 +974,10 @@ impl Writer {
         false
     }
 }
+
+/// The next segment's file is made in the background once the active one is more than
+/// `1 / PREALLOC_AT_FILL_DIVISOR` full (not at the roll: a compaction until then may recycle one).
+const PREALLOC_AT_FILL_DIVISOR: u64 = 2;
 
 /// Longest a group waits, after the last sync, for the appends of the callers that sync
 /// released (see [`Writer::gather`]); a fraction of one fsync.

@@ -1,6 +1,8 @@
 //! Simulated power loss: a mixed workload on the simulated disk is cut at a random write or sync
 //! boundary; after each cut the log reopens with every acknowledged append intact, nothing
-//! half-written, batches whole, the chain verified and the index consistent.
+//! half-written, batches whole, the chain verified and the index consistent. Segments are small
+//! (4 KiB), so workloads roll and compact often, and many cuts fall while the log writes into a
+//! recycled segment (a compacted file full of stale records).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,12 +17,14 @@ use crate::support::{seed, small_options};
 /// Cut points per run (the issue asks for at least 1,000).
 const CUT_POINTS: u64 = 1_050;
 /// Operations in one workload before its cut.
-const WORKLOAD_OPS: usize = 24;
+const WORKLOAD_OPS: usize = 32;
+/// The first operations of a workload are appends.
+const PROLOGUE_APPENDS: usize = 8;
 const DIR: &str = "/log";
 const STREAMS: [&str; 3] = ["arm-1", "arm-2", "counter"];
 
 fn options() -> Options {
-    Options { index_flush_events: 8, checkpoint_events: 24, ..small_options() }
+    Options { segment_bytes: 4096, index_flush_events: 8, checkpoint_events: 24, ..small_options() }
 }
 
 #[derive(Default)]
@@ -32,9 +36,19 @@ struct Run {
     /// Batches not acknowledged (ids): all or none may survive.
     unacked_batches: Vec<Vec<[u8; 16]>>,
     next_id: u64,
+    /// Compacted segments recycled, and segments started in a reused (recycled) file, over
+    /// every open of the workload.
+    recycled: u64,
+    reused: u64,
 }
 
 impl Run {
+    fn note_stats(&mut self, log: &EventLog) {
+        let stats = log.stats();
+        self.recycled += stats.segments_recycled;
+        self.reused += stats.segments_reused;
+    }
+
     fn request(&mut self, rng: &mut SimRng) -> AppendRequest {
         self.next_id += 1;
         let mut id = [0u8; 16];
@@ -54,8 +68,10 @@ impl Run {
 /// Runs the workload until it finishes or the disk dies.
 fn workload(vfs: &SimVfs, rng: &mut SimRng, run: &mut Run) -> Option<EventLog> {
     let mut log = EventLog::open_with_vfs(Arc::new(vfs.clone()), DIR, options()).ok()?;
-    for _ in 0..WORKLOAD_OPS {
-        match rng.below(20) {
+    for op in 0..WORKLOAD_OPS {
+        // Appends first, so that the log has segments to compact (and recycle) early on.
+        let choice = if op < PROLOGUE_APPENDS { 0 } else { rng.below(20) };
+        match choice {
             0..=9 => {
                 let request = run.request(rng);
                 let id = request.event_id;
@@ -92,23 +108,24 @@ fn workload(vfs: &SimVfs, rng: &mut SimRng, run: &mut Run) -> Option<EventLog> {
                     Err(_) => return Some(log),
                 }
             }
-            14 => {
-                let below = log.head().position.saturating_sub(rng.below(30));
+            14 | 15 => {
+                let below = log.head().position.saturating_sub(rng.below(12));
                 if log.compact(below).is_err() {
                     return Some(log);
                 }
             }
-            15 => {
+            16 => {
                 if log.checkpoint().is_err() {
                     return Some(log);
                 }
             }
-            16 => {
+            17 => {
                 if log.set_cursor("outbox", log.head().position).is_err() {
                     return Some(log);
                 }
             }
-            17 => {
+            18 => {
+                run.note_stats(&log);
                 drop(log);
                 log = EventLog::open_with_vfs(Arc::new(vfs.clone()), DIR, options()).ok()?;
             }
@@ -196,6 +213,7 @@ fn acknowledged_appends_survive_any_power_cut() {
     let total_ops = calibration.ops().max(10);
 
     let (mut cut_mid_workload, mut acked_checked, mut torn) = (0u64, 0usize, 0u64);
+    let (mut with_recycled, mut with_reused) = (0u64, 0u64);
     for cut in 0..CUT_POINTS {
         let case_seed = master.next_u64();
         let mut rng = SimRng::new(case_seed);
@@ -204,6 +222,11 @@ fn acknowledged_appends_survive_any_power_cut() {
         vfs.cut_power_at(cut_at);
         let mut run = Run::default();
         let log = workload(&vfs, &mut rng, &mut run);
+        if let Some(log) = &log {
+            run.note_stats(log);
+        }
+        with_recycled += (run.recycled > 0) as u64;
+        with_reused += (run.reused > 0) as u64;
         cut_mid_workload += vfs.is_dead() as u64;
         vfs.cut_power_now();
         drop(log);
@@ -244,7 +267,10 @@ fn acknowledged_appends_survive_any_power_cut() {
     }
     eprintln!(
         "{CUT_POINTS} cuts: {cut_mid_workload} inside a workload of ~{total_ops} disk ops, \
-         {torn} with unacknowledged appends in flight, {acked_checked} acknowledged appends checked"
+         {torn} with unacknowledged appends in flight, {acked_checked} acknowledged appends \
+         checked, {with_recycled} after a segment was recycled, {with_reused} after the log \
+         rolled into a recycled segment"
     );
     assert!(cut_mid_workload > CUT_POINTS / 2, "most cuts must land inside the workload");
+    assert!(with_reused > CUT_POINTS / 20, "too few cuts cover recycled segments");
 }
