@@ -77,7 +77,7 @@ pub use driver::{RaftHandle, inbound_channel, spawn};
 pub use estop::{EStop, EStopCommand, EStopQuery, EStopResponse, EStopState};
 pub use node::{Applied, Event, Node, NodeError, ProposeError, ReadError, RequestId, Role, Status};
 pub use state_machine::{StateMachine, StateMachineError};
-pub use storage::{LogStore, MemStore, RedbStore, StoreError, WriteBatch};
+pub use storage::{LogStore, MemStore, RedbStore, StoreError, WalStore, WriteBatch};
 pub use transport::tcp::TcpTransport;
 pub use transport::{MemoryTransport, Transport};
 

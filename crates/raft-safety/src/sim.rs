@@ -21,7 +21,7 @@ use crate::config::NodeConfig;
 use crate::estop::{EStop, EStopCommand, EStopQuery, EStopResponse};
 use crate::linearizability::{self, OpKind, Operation, Verdict};
 use crate::node::{Event, Node, ProposeError, RequestId, splitmix64};
-use crate::storage::{CrashDisk, LogStore, MemStore, RedbStore};
+use crate::storage::{CrashDisk, LogStore, MemStore, RedbStore, WalStore};
 
 /// Simulated milliseconds per Raft tick.
 pub const TICK_MS: u64 = 10;
@@ -65,7 +65,17 @@ pub enum StoreKind {
     Memory,
     /// [`RedbStore`] on a [`CrashDisk`]: a crash loses every write redb had not synced.
     Redb,
+    /// [`WalStore`] on two [`CrashDisk`]s (small files, so that rotation and growth happen):
+    /// a crash loses every write not synced.
+    Wal,
 }
+
+/// The two files of a simulated member's [`WalStore`].
+#[derive(Debug, Clone, Default)]
+struct WalDisks([CrashDisk; 2]);
+
+/// File size of the simulated [`WalStore`]s: a few snapshots' worth.
+const SIM_WAL_CAPACITY_BYTES: u64 = 8 << 10;
 
 /// A simulated member's disk: what survives its crashes.
 trait Disk: Clone + Default {
@@ -89,6 +99,22 @@ impl Disk for CrashDisk {
     }
     fn crash(&self) {
         CrashDisk::crash(self);
+    }
+}
+
+impl Disk for WalDisks {
+    type Store = WalStore;
+    fn open(&self) -> Result<WalStore, String> {
+        let [a, b] = &self.0;
+        WalStore::open_with_files(
+            [Box::new(a.attach()), Box::new(b.attach())],
+            SIM_WAL_CAPACITY_BYTES,
+        )
+        .map_err(|e| format!("wal open failed: {e:?}"))
+    }
+    fn crash(&self) {
+        self.0[0].crash();
+        self.0[1].crash();
     }
 }
 
@@ -231,6 +257,7 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
     match config.store {
         StoreKind::Memory => run_on::<MemStore>(config),
         StoreKind::Redb => run_on::<CrashDisk>(config),
+        StoreKind::Wal => run_on::<WalDisks>(config),
     }
 }
 

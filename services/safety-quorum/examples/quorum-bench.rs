@@ -43,6 +43,7 @@ struct Args {
     entries: usize,
     etcd: bool,
     json: Option<PathBuf>,
+    raft_store: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -55,6 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
         entries: 1_000_000,
         etcd: true,
         json: None,
+        raft_store: "wal".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--entries" => args.entries = value()?.parse()?,
             "--no-etcd" => args.etcd = false,
             "--json" => args.json = Some(value()?.into()),
+            "--raft-store" => args.raft_store = value()?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -177,7 +180,7 @@ struct Quorum {
 }
 
 impl Quorum {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(raft_store: &str) -> anyhow::Result<Self> {
         let binary = testkit::process::binary("safety-quorum")?;
         let nats = NatsServer::start()?;
         let peers: Vec<String> =
@@ -197,7 +200,8 @@ impl Quorum {
                     "--raft-heartbeat-ticks".to_owned(),
                     RAFT_HEARTBEAT_TICKS.to_string(),
                 ])
-                .env("RUST_LOG", "warn");
+                .env("RUST_LOG", "warn")
+                .env("RAFT_STORE", raft_store);
             members.push(ServiceProcess::start(spec)?);
         }
         for member in &mut members {
@@ -441,6 +445,14 @@ async fn trip_to_stop(q: &Quorum, trials: usize, arms: usize) -> anyhow::Result<
     Ok(summary(&mut samples))
 }
 
+/// Bytes of the raft store files under a member's data dir (the WAL's two files or redb's).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let file = |p: PathBuf| std::fs::metadata(p).map_or(0, |md| md.len());
+    file(dir.join("raft.redb"))
+        + file(dir.join("raft-wal/raft-wal-0"))
+        + file(dir.join("raft-wal/raft-wal-1"))
+}
+
 fn rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -467,11 +479,8 @@ async fn quorum_memory(q: &Arc<Quorum>, leader: usize, entries: usize) -> anyhow
     .await?;
     let view = q.view(leader).await.context("leader view")?;
     let after: Vec<Option<u64>> = q.members.iter().map(|m| m.pid().and_then(rss_kb)).collect();
-    let store_bytes: Vec<u64> = q
-        .members
-        .iter()
-        .map(|m| std::fs::metadata(m.data_dir().join("data/raft.redb")).map_or(0, |md| md.len()))
-        .collect();
+    let store_bytes: Vec<u64> =
+        q.members.iter().map(|m| dir_bytes(&m.data_dir().join("data"))).collect();
     Ok(json!({
         "entries": entries,
         "seconds": round3(secs),
@@ -688,7 +697,7 @@ async fn main() -> anyhow::Result<()> {
     progress(&args, &report, "floor_fsync_append_4k")?;
 
     eprintln!("safety-quorum: starting 3 members ...");
-    let quorum = Quorum::start().await?;
+    let quorum = Quorum::start(&args.raft_store).await?;
     let leader = quorum.settled(&[0, 1, 2]).await?;
     {
         let health = quorum.members[leader].url("/healthz");

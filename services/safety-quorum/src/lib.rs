@@ -79,6 +79,32 @@ pub struct Config {
     /// warning says so at start). NATS engage requests are left to the broker's own auth.
     #[arg(long, env = "AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<std::path::PathBuf>,
+
+    /// The Raft log store in `--data-dir`: `wal` (two preallocated append-only files, one
+    /// write and one fdatasync per round) or `redb` (one redb file, a redb commit per round).
+    /// A data dir that holds the other kind's store is refused (exit 64): a member must never
+    /// start without its log.
+    #[arg(long, env = "RAFT_STORE", value_enum, default_value_t = RaftStore::Wal)]
+    pub raft_store: RaftStore,
+}
+
+/// Which [`raft_safety::LogStore`] a member runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RaftStore {
+    /// [`raft_safety::WalStore`] in `<data-dir>/raft-wal/`.
+    Wal,
+    /// [`raft_safety::RedbStore`] in `<data-dir>/raft.redb`.
+    Redb,
+}
+
+impl RaftStore {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RaftStore::Wal => "wal",
+            RaftStore::Redb => "redb",
+        }
+    }
 }
 
 /// Raft member id -> peer address.
@@ -156,9 +182,32 @@ impl Config {
             .transpose()
     }
 
+    /// Refuses a data dir that holds the store of the other `--raft-store` kind.
+    pub fn check_raft_store(&self) -> Result<(), String> {
+        let dir = &self.common.data_dir;
+        let (wal, redb) = (dir.join(member::WAL_DIR), dir.join(member::REDB_FILE));
+        let other = match self.raft_store {
+            RaftStore::Wal => redb.exists().then_some(("redb", redb)),
+            RaftStore::Redb => wal.exists().then_some(("wal", wal)),
+        };
+        match other {
+            Some((kind, path)) => Err(format!(
+                "--raft-store {}: {} holds a {kind} raft store; start with --raft-store {kind} \
+                 (a member must not start without its log)",
+                self.raft_store.name(),
+                path.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Checks what clap cannot and prepares the data dir; exits 64 when invalid.
     pub fn validate_or_exit(&self) {
-        if let Err(reason) = self.node_config().and_then(|_| self.auth_tokens().map(drop)) {
+        if let Err(reason) = self
+            .node_config()
+            .and_then(|_| self.auth_tokens().map(drop))
+            .and_then(|()| self.check_raft_store())
+        {
             service_kit::config::exit_invalid(&reason);
         }
         service_kit::ensure_data_dir(&self.common.data_dir);

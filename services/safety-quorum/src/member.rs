@@ -1,18 +1,22 @@
-//! One Raft member: the redb store in the data dir, the e-stop state machine, the TCP
+//! One Raft member: the log store in the data dir (`--raft-store`), the e-stop state machine, the TCP
 //! listener for peers and the TCP transport to them, driven by raft-safety's async driver.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use raft_safety::transport::tcp::serve;
-use raft_safety::{EStop, Node, NodeError, RaftHandle, RedbStore, TcpTransport};
+use raft_safety::{
+    EStop, LogStore, Node, NodeError, RaftHandle, RedbStore, TcpTransport, WalStore,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::Config;
+use crate::{Config, RaftStore};
 
-/// File name of the Raft store inside `--data-dir`.
-pub const STORE_FILE: &str = "raft.redb";
+/// Directory of the WAL store (`--raft-store wal`) inside `--data-dir`.
+pub const WAL_DIR: &str = "raft-wal";
+/// File of the redb store (`--raft-store redb`) inside `--data-dir`.
+pub const REDB_FILE: &str = "raft.redb";
 
 /// A running member.
 pub struct Member {
@@ -36,11 +40,30 @@ impl Member {
     /// listener and starts the ready loop.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         let node_config = config.node_config().map_err(anyhow::Error::msg)?;
+        config.check_raft_store().map_err(anyhow::Error::msg)?;
+        match config.raft_store {
+            RaftStore::Wal => {
+                let path = config.common.data_dir.join(WAL_DIR);
+                let shown = path.display().to_string();
+                Self::start_on(config, node_config, move || WalStore::open(&path), shown).await
+            }
+            RaftStore::Redb => {
+                let path = config.common.data_dir.join(REDB_FILE);
+                let shown = path.display().to_string();
+                Self::start_on(config, node_config, move || RedbStore::open(&path), shown).await
+            }
+        }
+    }
+
+    async fn start_on<S: LogStore + Send + 'static>(
+        config: &Config,
+        node_config: raft_safety::NodeConfig,
+        open: impl FnOnce() -> Result<S, raft_safety::StoreError> + Send + 'static,
+        what: String,
+    ) -> anyhow::Result<Self> {
         let id = node_config.id;
-        let path = config.common.data_dir.join(STORE_FILE);
         let node = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let store = RedbStore::open(&path)
-                .with_context(|| format!("cannot open the raft store {}", path.display()))?;
+            let store = open().with_context(|| format!("cannot open the raft store {what}"))?;
             Node::new(node_config, store, EStop::new()).context("cannot start the raft member")
         })
         .await??;

@@ -128,6 +128,21 @@ impl StorageBackend for CrashDisk {
     }
 }
 
+impl super::WalFile for CrashDisk {
+    fn len_bytes(&self) -> std::io::Result<u64> {
+        StorageBackend::len(self)
+    }
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        StorageBackend::read(self, offset, out)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        StorageBackend::write(self, offset, data)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        StorageBackend::sync_data(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@ const SEEDS: u64 = 500;
 const MEMBERSHIP_SEEDS: u64 = 300;
 /// Seeds run on redb over crashing disks (slower: a real redb commit per ready round).
 const REDB_SEEDS: u64 = 150;
+/// Seeds run on the WAL store over crashing disks.
+const WAL_SEEDS: u64 = 300;
 
 fn seeds(base: u64, count: u64) -> Vec<u64> {
     match std::env::var("KEEL_SEED") {
@@ -86,6 +88,16 @@ fn redb_members_on_crashing_disks_stay_linearizable() {
     if std::env::var("KEEL_SEED").is_err() {
         assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 10);
         assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 100);
+    }
+}
+
+#[test]
+fn wal_members_on_crashing_disks_stay_linearizable() {
+    let reports = run_many(3, 0, 4_000_000, StoreKind::Wal, WAL_SEEDS);
+    if std::env::var("KEEL_SEED").is_err() {
+        assert!(reports.iter().map(|r| r.crashes).sum::<usize>() > 20);
+        assert!(reports.iter().map(|r| r.acked_writes).sum::<usize>() > 200);
+        assert!(reports.iter().map(|r| r.snapshots_installed).sum::<usize>() > 0);
     }
 }
 

@@ -34,3 +34,25 @@ fn an_unreadable_or_malformed_token_file_exits_64_with_a_reason() {
         .unwrap();
     }
 }
+
+#[test]
+fn a_data_dir_holding_the_other_raft_store_exits_64_instead_of_starting_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // A member that ran on redb, restarted with the default (wal) store.
+    std::fs::write(dir.path().join("raft.redb"), b"").unwrap();
+    testkit::conformance::invalid_flag_exits_64(
+        BIN,
+        &["--node-id", "1", "--data-dir", data],
+        "--raft-store",
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join("raft.redb")).unwrap();
+    std::fs::create_dir(dir.path().join("raft-wal")).unwrap();
+    testkit::conformance::invalid_flag_exits_64(
+        BIN,
+        &["--node-id", "1", "--data-dir", data, "--raft-store", "redb"],
+        "--raft-store",
+    )
+    .unwrap();
+}
