@@ -100,7 +100,19 @@ where
     let mut inbound_open = true;
     loop {
         tokio::select! {
-            _ = ticker.tick() => node.tick(),
+            _ = ticker.tick() => {
+                // Waiting proposals are handed to a leader only on a tick: first withdraw
+                // those whose caller gave up, so that a caller told "no quorum" never sees
+                // its command commit later.
+                waiters.proposals.retain(|&id, reply| {
+                    let abandoned = reply.is_closed();
+                    if abandoned {
+                        node.abandon(id);
+                    }
+                    !abandoned
+                });
+                node.tick();
+            }
             message = inbound.recv(), if inbound_open => match message {
                 Some(message) => {
                     let _ = node.step(message);

@@ -413,6 +413,18 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
         self.add_proposal(Payload::ConfChange(change))
     }
 
+    /// Withdraws a proposal nobody waits for any more, if it has not reached a leader yet;
+    /// returns whether it was withdrawn. One that was handed to a leader stays (its entry may
+    /// still commit) and completes as usual. The driver withdraws a proposal whose caller gave
+    /// up, so that an answer of "no quorum" is never followed by a late commit.
+    pub fn abandon(&mut self, id: RequestId) -> bool {
+        let unsubmitted = self.proposals.get(&id.0).is_some_and(|p| p.payload.is_some());
+        if unsubmitted {
+            self.proposals.remove(&id.0);
+        }
+        unsubmitted
+    }
+
     fn pending(&self) -> usize {
         self.proposals.len() + self.reads.len()
     }
@@ -978,6 +990,23 @@ mod tests {
             events,
             vec![Event::Proposal { id: proposal, result: Err(ProposeError::NoQuorum) }]
         );
+    }
+
+    #[test]
+    fn an_abandoned_proposal_never_commits_once_a_leader_appears() {
+        let mut node = single(MemStore::new(), |_| {});
+        // No leader yet (the single member has not campaigned): the proposal waits.
+        let gone = node.propose(engage("abandoned")).unwrap();
+        assert!(node.abandon(gone), "not submitted yet, so withdrawn");
+        assert!(!node.abandon(gone), "already withdrawn");
+        let kept = node.propose(engage("kept")).unwrap();
+        let events = run_until(&mut node, |events| applied(events, kept).is_some());
+        assert!(events.iter().all(|e| !matches!(e, Event::Proposal { id, .. } if *id == gone)));
+        let ids: Vec<&str> = node.state_machine().audit().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["kept"]);
+        let late = node.propose(engage("late")).unwrap();
+        assert!(!node.abandon(late), "a leader took it at once: it stays and commits");
+        run_until(&mut node, |events| applied(events, late).is_some());
     }
 
     #[test]

@@ -189,3 +189,33 @@ async fn a_member_without_quorum_fails_proposals_and_stops_leading() {
     // A local read still answers from the applied state.
     assert!(engaged(&lonely.read_local(EStopQuery::State.encode()).await.unwrap()));
 }
+
+#[tokio::test]
+async fn a_proposal_whose_caller_gave_up_before_any_leader_never_commits() {
+    let transport = MemoryTransport::new();
+    let config = |id| {
+        let mut config = NodeConfig::new(id, vec![1, 2, 3]);
+        // Long enough that, without withdrawal, the waiting proposal would still be handed to
+        // the leader that appears below.
+        config.proposal_timeout_ticks = 2_000;
+        config
+    };
+    let (first, _first_task) = start(&transport, config(1));
+    // Alone, member 1 never learns a leader: the caller gives up.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(200), first.propose(engage("gave-up"))).await;
+    assert!(gave_up.is_err(), "no leader, so no answer: {gave_up:?}");
+    let others: Vec<_> = [2, 3].into_iter().map(|id| start(&transport, config(id))).collect();
+    let mut handles = vec![&first];
+    handles.extend(others.iter().map(|(h, _)| h));
+    leader(&handles).await;
+    first.propose(engage("after")).await.unwrap();
+    // Give a waiting proposal ten ticks to be handed over (a bound for the failure to show;
+    // the correct outcome does not depend on it), then read the audit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.propose(engage("last")).await.unwrap();
+    let audit: Vec<serde_json::Value> =
+        serde_json::from_slice(&first.read(EStopQuery::Audit.encode()).await.unwrap()).unwrap();
+    let ids: Vec<&str> = audit.iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["after", "last"], "the abandoned proposal committed");
+}
