@@ -748,11 +748,17 @@ struct Recovered {
     writer_init: WriterInit,
 }
 
+/// redb's page cache for the index. redb's default (1 GiB) let the cache, and so the
+/// process's memory, grow with the index file; the hot keys are time-ordered, so a few MiB
+/// hold what appends and recent reads touch.
+pub const INDEX_CACHE_BYTES: usize = 8 << 20;
+
 pub(crate) fn open_index(vfs: &dyn Vfs, dir: &Path) -> Result<redb::Database> {
     let path = join(dir, INDEX_FILE_NAME);
     let open = |path: &Path| -> Result<redb::Database> {
         let file = vfs.open(path, true).map_err(io("open index file"))?;
         let db = redb::Database::builder()
+            .set_cache_size(INDEX_CACHE_BYTES)
             .create_with_backend(RedbBackend::new(file))
             .map_err(index("open"))?;
         index::init(&db)?;
