@@ -37,6 +37,9 @@ struct Args {
     per_writer_events: usize,
     nats: bool,
     steady_secs: u64,
+    /// Each steady-state load first runs this long unmeasured (segments rolled and compacted
+    /// into the state a long-running service is in).
+    steady_warmup_secs: u64,
     /// Steady state compacts (like a service after its snapshots) every this often...
     steady_compact_every: Duration,
     /// ...keeping this many events below the head; `None`: no compaction.
@@ -51,8 +54,9 @@ fn parse_args() -> Args {
         per_writer_events: 500,
         nats: true,
         steady_secs: 12,
+        steady_warmup_secs: 3,
         steady_compact_every: Duration::from_millis(500),
-        steady_keep_events: Some(300_000),
+        steady_keep_events: Some(100_000),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +68,7 @@ fn parse_args() -> Args {
             "--per-writer-events" => args.per_writer_events = value().parse().expect("number"),
             "--no-nats" => args.nats = false,
             "--steady-secs" => args.steady_secs = value().parse().expect("number"),
+            "--steady-warmup-secs" => args.steady_warmup_secs = value().parse().expect("number"),
             "--steady-compact-every-ms" => {
                 args.steady_compact_every = Duration::from_millis(value().parse().expect("number"))
             }
@@ -397,8 +402,8 @@ fn steady(
     runtime: &tokio::runtime::Runtime,
     load: Load,
     args: &Args,
+    secs: u64,
 ) -> Value {
-    let secs = args.steady_secs;
     let bytes_before = write_bytes(None);
     let disk_before = device_write_bytes(dir);
     let writer_before = thread_write_bytes("event-log-write");
@@ -420,7 +425,9 @@ fn steady(
     });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
-    let base = 5_000_000_000u64 + (load as u64 + 1) * 1_000_000_000;
+    // Ids: a different range per load and per call (the warm-up runs first).
+    let base =
+        5_000_000_000u64 + (load as u64 + 1) * 1_000_000_000_000 + log.stats().events * 100_000;
     let latencies = match load {
         Load::Single | Load::InFlight => {
             let depth = if matches!(load, Load::Single) { 1 } else { WRITERS };
@@ -715,14 +722,21 @@ fn main() {
     }
     // Steady state: each load alone for a while, index writes and checkpoints at their own
     // cadence, everything the process writes counted.
-    let steady_single = steady(&args.dir, &single_log, &runtime, Load::Single, &args);
-    let steady_tasks = steady(&args.dir, &task_log, &runtime, Load::Tasks, &args);
-    let steady_flight = steady(&args.dir, &flight_log, &runtime, Load::InFlight, &args);
+    let steady_run = |log: &EventLog, load: Load| {
+        if args.steady_warmup_secs > 0 {
+            steady(&args.dir, log, &runtime, load, &args, args.steady_warmup_secs);
+        }
+        steady(&args.dir, log, &runtime, load, &args, args.steady_secs)
+    };
+    let steady_single = steady_run(&single_log, Load::Single);
+    let steady_tasks = steady_run(&task_log, Load::Tasks);
+    let steady_flight = steady_run(&flight_log, Load::InFlight);
     for log in [single_log, task_log, many_log, flight_log] {
         log.close().unwrap();
     }
     let steady_json = json!({
         "seconds": args.steady_secs,
+        "warmup_seconds": args.steady_warmup_secs,
         "compact_every_ms": args.steady_compact_every.as_millis() as u64,
         "keep_events": args.steady_keep_events,
         "single_writer": steady_single,
