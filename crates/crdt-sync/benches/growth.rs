@@ -182,7 +182,7 @@ fn remote_apply(increments: u64) -> Result<(), Error> {
         for chunk in batches.chunks(coalesce) {
             let mut batch = ChangeBatch::new();
             for bytes in chunk {
-                batch.extend(&ChangeBatch::from_bytes(bytes)?);
+                assert!(batch.extend(&ChangeBatch::from_bytes(bytes)?), "one epoch");
             }
             b.apply_changes(&doc, batch.as_bytes())?;
         }

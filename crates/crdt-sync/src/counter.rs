@@ -15,6 +15,13 @@
 //!
 //! `value = sum(folded) + sum(live canonical amounts)`.
 //!
+//! A counter of epoch 1 or later (see "Epochs" in the crate docs) starts from a
+//! genesis built by the coordinator that also holds `epoch` (Uint), `sealed`
+//! (`"{node}|{bucket_end_ms}" -> Bytes`: the tombstones the epoch inherited,
+//! one sorted blob per bucket, layout at [`encode_sealed`]) and `joined`
+//! (`node -> true`: the members that carried their writes over into this
+//! epoch; only the member itself writes its key).
+//!
 //! Folding: an entry is *stable* once every member acked every one of its
 //! conflicting writes. A stable entry is folded only by its *folder*, the
 //! node whose actor wrote the canonical entry, in one change that deletes the
@@ -26,13 +33,13 @@
 //! the same folder, and the folder deletes the key once. See the crate docs
 //! for the bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::transaction::Transactable;
 use automerge::{ActorId, ObjId, ObjType, ReadDoc, ScalarValue, Value};
 
 use crate::doc::{actor_label, actor_node, root_object};
-use crate::doc_id::DocId;
+use crate::doc_id::{DocId, DocKind};
 use crate::error::Error;
 
 /// Separator inside `acks` and `tomb` keys.
@@ -58,16 +65,203 @@ pub(crate) struct Objs {
     acks: ObjId,
     folded: ObjId,
     tomb: ObjId,
+    /// Epochs 1 and later only.
+    sealed: Option<ObjId>,
+    /// Epochs 1 and later only.
+    joined: Option<ObjId>,
 }
 
 impl Objs {
     pub(crate) fn load<R: ReadDoc>(doc: &R, id: &DocId) -> Result<Objs, Error> {
+        let optional = |key: &str| -> Result<Option<ObjId>, Error> {
+            Ok(match doc.get(automerge::ROOT, key)? {
+                Some((Value::Object(_), obj)) => Some(obj),
+                _ => None,
+            })
+        };
         Ok(Objs {
             ops: root_object(doc, id, "ops")?,
             acks: root_object(doc, id, "acks")?,
             folded: root_object(doc, id, "folded")?,
             tomb: root_object(doc, id, "tomb")?,
+            sealed: optional("sealed")?,
+            joined: optional("joined")?,
         })
+    }
+}
+
+/// FNV-1a, 64 bits: the in-memory index of sealed tombstones keeps only these (a hit
+/// is confirmed against the blob, so a collision costs a read, never a lost increment).
+fn op_hash(op_id: &str) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for byte in op_id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Encodes sealed tombstones (sorted by op_id, as a `BTreeMap` iterates):
+/// `count: u32 | count x (op_id_len: u8 | op_id | amount: i64)`, little-endian.
+pub(crate) fn encode_sealed(entries: &BTreeMap<String, i64>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(4 + entries.len() * 17);
+    bytes.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (op_id, amount) in entries {
+        // op_ids are at most OP_ID_BYTES_MAX (128) bytes.
+        bytes.push(op_id.len() as u8);
+        bytes.extend_from_slice(op_id.as_bytes());
+        bytes.extend_from_slice(&amount.to_le_bytes());
+    }
+    bytes
+}
+
+/// A sealed blob holding the entries of `blob` and of `more` (sorted, each op_id once:
+/// the blob's amount wins), `None` if `blob` is malformed.
+fn merge_sealed(blob: &[u8], more: &BTreeMap<String, i64>) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(blob.len() + more.len() * 17);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut count: u32 = 0;
+    let mut push = |out: &mut Vec<u8>, op_id: &str, amount: i64| {
+        out.push(op_id.len() as u8);
+        out.extend_from_slice(op_id.as_bytes());
+        out.extend_from_slice(&amount.to_le_bytes());
+        count += 1;
+    };
+    let mut more = more.iter().peekable();
+    let ok = decode_sealed(blob, |op_id, amount| {
+        while let Some((next, next_amount)) = more.peek() {
+            match next.as_str().cmp(op_id) {
+                std::cmp::Ordering::Less => push(&mut out, next, **next_amount),
+                std::cmp::Ordering::Equal => {}
+                std::cmp::Ordering::Greater => break,
+            }
+            more.next();
+        }
+        push(&mut out, op_id, amount);
+        true
+    });
+    if !ok {
+        return None;
+    }
+    for (op_id, amount) in more {
+        push(&mut out, op_id, *amount);
+    }
+    out[..4].copy_from_slice(&count.to_le_bytes());
+    Some(out)
+}
+
+/// Calls `visit` with every entry of a sealed blob; `false` if it is malformed.
+fn decode_sealed(bytes: &[u8], mut visit: impl FnMut(&str, i64) -> bool) -> bool {
+    let Some((count, mut rest)) = crate::batch::take_u32(bytes) else {
+        return false;
+    };
+    for _ in 0..count {
+        let Some((len, after)) = rest.split_first() else {
+            return false;
+        };
+        let len = usize::from(*len);
+        if after.len() < len + 8 {
+            return false;
+        }
+        let Ok(op_id) = std::str::from_utf8(&after[..len]) else {
+            return false;
+        };
+        let mut amount = [0u8; 8];
+        amount.copy_from_slice(&after[len..len + 8]);
+        if !visit(op_id, i64::from_le_bytes(amount)) {
+            return true;
+        }
+        rest = &after[len + 8..];
+    }
+    rest.is_empty()
+}
+
+/// Hashes of the sealed tombstones of the current epoch document, per bucket key
+/// (sorted, for binary search). Built when the document is installed; a bucket deleted
+/// since (expiry) is skipped because lookups follow the document's keys.
+#[derive(Debug, Default)]
+pub(crate) struct SealedIndex {
+    buckets: BTreeMap<String, Vec<u64>>,
+}
+
+impl SealedIndex {
+    pub(crate) fn build<R: ReadDoc>(doc: &R, id: &DocId) -> Result<SealedIndex, Error> {
+        let mut index = SealedIndex::default();
+        let Ok(objs) = Objs::load(doc, id) else {
+            return Ok(index);
+        };
+        let Some(sealed) = &objs.sealed else {
+            return Ok(index);
+        };
+        for key in doc.keys(sealed) {
+            let bytes = sealed_blob(doc, id, sealed, &key)?;
+            let mut hashes = Vec::new();
+            if !decode_sealed(&bytes, |op_id, _| {
+                hashes.push(op_hash(op_id));
+                true
+            }) {
+                return Err(corrupt(id, format!("sealed bucket {key:?}")));
+            }
+            hashes.sort_unstable();
+            index.buckets.insert(key, hashes);
+        }
+        Ok(index)
+    }
+
+    /// Sealed tombstones in buckets the document still holds.
+    fn count<R: ReadDoc>(&self, doc: &R, objs: &Objs) -> usize {
+        let Some(sealed) = &objs.sealed else {
+            return 0;
+        };
+        doc.keys(sealed).map(|key| self.buckets.get(&key).map_or(0, Vec::len)).sum()
+    }
+
+    fn lookup<R: ReadDoc>(
+        &self,
+        doc: &R,
+        id: &DocId,
+        objs: &Objs,
+        op_id: &str,
+    ) -> Result<Option<i64>, Error> {
+        let Some(sealed) = &objs.sealed else {
+            return Ok(None);
+        };
+        let hash = op_hash(op_id);
+        for key in doc.keys(sealed) {
+            let maybe =
+                self.buckets.get(&key).is_none_or(|hashes| hashes.binary_search(&hash).is_ok());
+            if !maybe {
+                continue;
+            }
+            let bytes = sealed_blob(doc, id, sealed, &key)?;
+            let mut found = None;
+            decode_sealed(&bytes, |candidate, amount| {
+                if candidate == op_id {
+                    found = Some(amount);
+                    return false;
+                }
+                true
+            });
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn sealed_blob<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    sealed: &ObjId,
+    key: &str,
+) -> Result<Vec<u8>, Error> {
+    match doc.get(sealed, key)? {
+        Some((Value::Scalar(scalar), _)) => match scalar.into_owned() {
+            ScalarValue::Bytes(bytes) => Ok(bytes),
+            other => Err(corrupt(id, format!("sealed bucket {key:?} holds {other:?}"))),
+        },
+        _ => Err(corrupt(id, format!("sealed bucket {key:?} is not bytes"))),
     }
 }
 
@@ -106,9 +300,19 @@ fn folder_of(entry: &Entry) -> String {
     actor_node(&entry.actor).map(str::to_owned).unwrap_or_else(|| actor_label(&entry.actor))
 }
 
-/// The counter's value, contributions and bookkeeping sizes.
-pub(crate) fn read<R: ReadDoc>(doc: &R, id: &DocId) -> Result<CounterValue, Error> {
-    let (replicas, live_ops, tombstones) = read_exact(doc, id)?;
+/// The counter's value, contributions and bookkeeping sizes; `extra` is what the
+/// previous epoch adds while members have not joined the current one.
+pub(crate) fn read<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    sealed: &SealedIndex,
+    extra: &Extra,
+) -> Result<CounterValue, Error> {
+    let (mut replicas, mut live_ops, tombstones) = read_exact(doc, id, sealed)?;
+    for (amount, node) in extra.values() {
+        *replicas.entry(node.clone()).or_default() += i128::from(*amount);
+        live_ops += 1;
+    }
     let total: i128 = replicas.values().sum();
     Ok(CounterValue {
         value: clamp(total),
@@ -119,13 +323,28 @@ pub(crate) fn read<R: ReadDoc>(doc: &R, id: &DocId) -> Result<CounterValue, Erro
 }
 
 /// The exact total, without saturation.
-pub(crate) fn total<R: ReadDoc>(doc: &R, id: &DocId) -> Result<i128, Error> {
-    Ok(read_exact(doc, id)?.0.values().sum())
+pub(crate) fn total<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    sealed: &SealedIndex,
+    extra: &Extra,
+) -> Result<i128, Error> {
+    let extra: i128 = extra.values().map(|(amount, _)| i128::from(*amount)).sum();
+    Ok(read_exact(doc, id, sealed)?.0.values().sum::<i128>() + extra)
 }
 
 type Contributions = BTreeMap<String, i128>;
 
-fn read_exact<R: ReadDoc>(doc: &R, id: &DocId) -> Result<(Contributions, usize, usize), Error> {
+/// op_id -> (amount, writer's node): increments in the previous epoch document, written
+/// by members that have not joined the current epoch yet, that the current one does not
+/// know. Counted once each, beside the current document.
+pub(crate) type Extra = BTreeMap<String, (i64, String)>;
+
+fn read_exact<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    sealed: &SealedIndex,
+) -> Result<(Contributions, usize, usize), Error> {
     let objs = Objs::load(doc, id)?;
     let mut replicas: Contributions = BTreeMap::new();
     for node in doc.keys(&objs.folded) {
@@ -148,6 +367,7 @@ fn read_exact<R: ReadDoc>(doc: &R, id: &DocId) -> Result<(Contributions, usize, 
             tombstones += doc.length(&bucket);
         }
     }
+    tombstones += sealed.count(doc, &objs);
     Ok((replicas, live_ops, tombstones))
 }
 
@@ -199,7 +419,12 @@ pub(crate) fn contribution<R: ReadDoc>(
 }
 
 /// The amount already recorded for `op_id`, live or in a tombstone.
-pub(crate) fn lookup<R: ReadDoc>(doc: &R, id: &DocId, op_id: &str) -> Result<Option<i64>, Error> {
+pub(crate) fn lookup<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    sealed: &SealedIndex,
+    op_id: &str,
+) -> Result<Option<i64>, Error> {
     let objs = Objs::load(doc, id)?;
     if let Some(canonical) = entries(doc, id, &objs, op_id)?.first() {
         return Ok(Some(canonical.amount));
@@ -213,7 +438,7 @@ pub(crate) fn lookup<R: ReadDoc>(doc: &R, id: &DocId, op_id: &str) -> Result<Opt
             return Ok(Some(amount));
         }
     }
-    Ok(None)
+    sealed.lookup(doc, id, &objs, op_id)
 }
 
 /// Writes a fresh increment; the caller checked [`lookup`] first.
@@ -235,11 +460,15 @@ pub(crate) struct Maintenance {
     folds: Vec<(String, i64)>,
     fold_total: i64,
     expired_buckets: Vec<String>,
+    expired_sealed: Vec<String>,
 }
 
 impl Maintenance {
     pub(crate) fn is_empty(&self) -> bool {
-        self.acks.is_empty() && self.folds.is_empty() && self.expired_buckets.is_empty()
+        self.acks.is_empty()
+            && self.folds.is_empty()
+            && self.expired_buckets.is_empty()
+            && self.expired_sealed.is_empty()
     }
 
     /// Entries this round folds.
@@ -323,13 +552,15 @@ pub(crate) fn plan_maintenance<R: ReadDoc>(
 
     // This replica's tombstone buckets past the dedup window.
     let prefix = format!("{node}{KEY_SEPARATOR}");
-    for bucket_key in doc.keys(&objs.tomb) {
-        if let Some(end_ms) =
-            bucket_key.strip_prefix(&prefix).and_then(|end| end.parse::<u64>().ok())
-            && end_ms.saturating_add(dedup_window_ms) <= now_ms
-        {
-            plan.expired_buckets.push(bucket_key);
-        }
+    let expired = |bucket_key: &str| {
+        bucket_key
+            .strip_prefix(&prefix)
+            .and_then(|end| end.parse::<u64>().ok())
+            .is_some_and(|end_ms| end_ms.saturating_add(dedup_window_ms) <= now_ms)
+    };
+    plan.expired_buckets = doc.keys(&objs.tomb).filter(|key| expired(key)).collect();
+    if let Some(sealed) = &objs.sealed {
+        plan.expired_sealed = doc.keys(sealed).filter(|key| expired(key)).collect();
     }
     Ok(plan)
 }
@@ -348,9 +579,7 @@ pub(crate) fn apply_maintenance<T: Transactable>(
         tx.put(&objs.acks, key.as_str(), ScalarValue::Uint(*counter))?;
     }
     if !plan.folds.is_empty() {
-        let bucket_ms = tombstone_bucket_ms.max(1);
-        let end_ms = (now_ms / bucket_ms).saturating_add(1).saturating_mul(bucket_ms);
-        let bucket_key = format!("{node}{KEY_SEPARATOR}{end_ms:020}");
+        let bucket_key = bucket_key(node, now_ms, tombstone_bucket_ms);
         let bucket = match tx.get(&objs.tomb, bucket_key.as_str())? {
             Some((Value::Object(_), bucket)) => bucket,
             _ => tx.put_object(&objs.tomb, bucket_key.as_str(), ObjType::Map)?,
@@ -369,5 +598,236 @@ pub(crate) fn apply_maintenance<T: Transactable>(
     for bucket_key in &plan.expired_buckets {
         tx.delete(&objs.tomb, bucket_key.as_str())?;
     }
+    if let Some(sealed) = &objs.sealed {
+        for bucket_key in &plan.expired_sealed {
+            tx.delete(sealed, bucket_key.as_str())?;
+        }
+    }
     Ok(())
+}
+
+/// The bucket key of tombstones `node` writes at `now_ms`.
+fn bucket_key(node: &str, now_ms: u64, tombstone_bucket_ms: u64) -> String {
+    let bucket_ms = tombstone_bucket_ms.max(1);
+    let end_ms = (now_ms / bucket_ms).saturating_add(1).saturating_mul(bucket_ms);
+    format!("{node}{KEY_SEPARATOR}{end_ms:020}")
+}
+
+/// The members that joined `doc`'s epoch; `None` for epoch 0, which every member holds
+/// from the start.
+pub(crate) fn joined<R: ReadDoc>(doc: &R, id: &DocId) -> Result<Option<BTreeSet<String>>, Error> {
+    let objs = Objs::load(doc, id)?;
+    Ok(objs.joined.map(|joined| doc.keys(&joined).collect()))
+}
+
+/// Whether every one of `members` joined `doc`'s epoch.
+pub(crate) fn all_joined<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    members: &[String],
+) -> Result<bool, Error> {
+    Ok(match joined(doc, id)? {
+        None => true,
+        Some(joined) => members.iter().all(|member| joined.contains(member)),
+    })
+}
+
+/// See [`Extra`]: the live entries of `previous` written by members not in `joined`
+/// whose op_id `current` does not know.
+pub(crate) fn extra(
+    previous: &automerge::Automerge,
+    current: &automerge::Automerge,
+    id: &DocId,
+    sealed: &SealedIndex,
+    joined: &BTreeSet<String>,
+) -> Result<Extra, Error> {
+    let objs = Objs::load(previous, id)?;
+    let mut extra = Extra::new();
+    for op_id in previous.keys(&objs.ops) {
+        let entries = entries(previous, id, &objs, &op_id)?;
+        let Some(unjoined) = entries.iter().find(|entry| !joined.contains(&folder_of(entry)))
+        else {
+            continue;
+        };
+        if lookup(current, id, sealed, &op_id)?.is_none() {
+            extra.insert(op_id, (unjoined.amount, folder_of(unjoined)));
+        }
+    }
+    Ok(extra)
+}
+
+/// The amount `previous` holds for `op_id` from a member not in `joined` (see [`Extra`];
+/// the caller checked that the current epoch does not know it).
+pub(crate) fn extra_lookup(
+    previous: &automerge::Automerge,
+    id: &DocId,
+    joined: &BTreeSet<String>,
+    op_id: &str,
+) -> Result<Option<i64>, Error> {
+    let objs = Objs::load(previous, id)?;
+    let entries = entries(previous, id, &objs, op_id)?;
+    Ok(entries.iter().find(|entry| !joined.contains(&folder_of(entry))).map(|entry| entry.amount))
+}
+
+/// What `node` carries over when it joins `current`: the live entries of `previous`
+/// that its own actors wrote and `current` does not know, with their amounts.
+pub(crate) fn plan_join(
+    previous: &automerge::Automerge,
+    current: &automerge::Automerge,
+    id: &DocId,
+    sealed: &SealedIndex,
+    node: &str,
+) -> Result<Vec<(String, i64)>, Error> {
+    let objs = Objs::load(previous, id)?;
+    let mut carried = Vec::new();
+    for op_id in previous.keys(&objs.ops) {
+        let entries = entries(previous, id, &objs, &op_id)?;
+        let Some(own) = entries.iter().find(|entry| actor_node(&entry.actor) == Some(node)) else {
+            continue;
+        };
+        if lookup(current, id, sealed, &op_id)?.is_none() {
+            carried.push((op_id, own.amount));
+        }
+    }
+    Ok(carried)
+}
+
+/// Writes `node`'s join of the current epoch: its carried entries and `joined[node]`.
+pub(crate) fn write_join<T: Transactable>(
+    tx: &mut T,
+    id: &DocId,
+    node: &str,
+    carried: &[(String, i64)],
+) -> Result<(), Error> {
+    let objs = Objs::load(tx, id)?;
+    let joined = objs.joined.ok_or_else(|| corrupt(id, "an epoch without members".into()))?;
+    for (op_id, amount) in carried {
+        tx.put(&objs.ops, op_id.as_str(), ScalarValue::Int(*amount))?;
+    }
+    tx.put(&joined, node, true)?;
+    Ok(())
+}
+
+/// Who builds a genesis, for which epoch, when.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GenesisBy<'a> {
+    pub(crate) node: &'a str,
+    pub(crate) actor: &'a ActorId,
+    pub(crate) epoch: u64,
+    pub(crate) now_ms: u64,
+    pub(crate) tombstone_bucket_ms: u64,
+}
+
+/// The genesis of epoch `epoch` built from `doc` (the current epoch, at its heads) by
+/// the coordinator `node` with `actor`: per-node totals (folded plus live, so every
+/// live entry is folded), every tombstone and every live op_id sealed into one blob per
+/// bucket, no acks, and `joined[node]`. `None` if a total does not fit an i64.
+pub(crate) fn build_genesis(
+    doc: &automerge::Automerge,
+    id: &DocId,
+    sealed: &SealedIndex,
+    by: &GenesisBy<'_>,
+) -> Result<Option<automerge::Automerge>, Error> {
+    let GenesisBy { node, actor, epoch, now_ms, tombstone_bucket_ms } = *by;
+    let objs = Objs::load(doc, id)?;
+    let (totals, _, _) = read_exact(doc, id, sealed)?;
+    // What this epoch folded or holds live (bounded by the epoch's size), per bucket; the
+    // sealed blobs it inherited are merged with it one bucket at a time, as bytes.
+    let mut recent: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for bucket in doc.keys(&objs.tomb) {
+        if let Some((Value::Object(_), obj)) = doc.get(&objs.tomb, bucket.as_str())? {
+            let entries = recent.entry(bucket.clone()).or_default();
+            for op_id in doc.keys(&obj) {
+                if let Some((value, _)) = doc.get(&obj, op_id.as_str())? {
+                    let amount = value
+                        .as_i64()
+                        .ok_or_else(|| corrupt(id, format!("tombstone {op_id:?}")))?;
+                    entries.insert(op_id, amount);
+                }
+            }
+        }
+    }
+    for op_id in doc.keys(&objs.ops) {
+        if let Some(canonical) = entries(doc, id, &objs, &op_id)?.first() {
+            let bucket = bucket_key(&folder_of(canonical), now_ms, tombstone_bucket_ms);
+            recent.entry(bucket).or_default().insert(op_id, canonical.amount);
+        }
+    }
+    let mut bucket_keys: BTreeSet<String> = recent.keys().cloned().collect();
+    if let Some(sealed) = &objs.sealed {
+        bucket_keys.extend(doc.keys(sealed));
+    }
+    let mut totals_i64 = Vec::with_capacity(totals.len());
+    for (node, total) in totals {
+        match i64::try_from(total) {
+            Ok(total) => totals_i64.push((node, total)),
+            Err(_) => return Ok(None),
+        }
+    }
+    let mut genesis = automerge::Automerge::new().with_actor(actor.clone());
+    let mut tx = genesis.transaction();
+    let root = automerge::ROOT;
+    tx.put(root.clone(), "kind", DocKind::Counter.as_str())?;
+    tx.put(root.clone(), "epoch", ScalarValue::Uint(epoch))?;
+    for key in ["ops", "acks", "tomb"] {
+        tx.put_object(root.clone(), key, ObjType::Map)?;
+    }
+    let folded = tx.put_object(root.clone(), "folded", ObjType::Map)?;
+    for (node, total) in totals_i64 {
+        tx.put(&folded, node.as_str(), ScalarValue::counter(total))?;
+    }
+    let sealed_obj = tx.put_object(root.clone(), "sealed", ObjType::Map)?;
+    let empty = BTreeMap::new();
+    for bucket in &bucket_keys {
+        let inherited = match &objs.sealed {
+            Some(sealed) if doc.get(sealed, bucket.as_str())?.is_some() => {
+                sealed_blob(doc, id, sealed, bucket)?
+            }
+            _ => encode_sealed(&empty),
+        };
+        let merged = merge_sealed(&inherited, recent.get(bucket).unwrap_or(&empty))
+            .ok_or_else(|| corrupt(id, format!("sealed bucket {bucket:?}")))?;
+        if merged.len() > 4 {
+            tx.put(&sealed_obj, bucket.as_str(), ScalarValue::Bytes(merged))?;
+        }
+    }
+    let joined = tx.put_object(root, "joined", ObjType::Map)?;
+    tx.put(&joined, node, true)?;
+    let time = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    tx.commit_with(automerge::transaction::CommitOptions::default().with_time(time));
+    Ok(Some(genesis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        entries.iter().map(|(op_id, amount)| ((*op_id).to_owned(), *amount)).collect()
+    }
+
+    fn decoded(blob: &[u8]) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        assert!(decode_sealed(blob, |op_id, amount| {
+            out.push((op_id.to_owned(), amount));
+            true
+        }));
+        out
+    }
+
+    #[test]
+    fn sealed_blobs_merge_sorted_and_keep_each_op_id_once() {
+        let blob = encode_sealed(&map(&[("b", 2), ("d", 4)]));
+        let merged = merge_sealed(&blob, &map(&[("a", 1), ("b", 9), ("c", 3), ("e", -5)])).unwrap();
+        let expected: Vec<(String, i64)> = [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", -5)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into();
+        assert_eq!(decoded(&merged), expected);
+        assert_eq!(
+            decoded(&merge_sealed(&encode_sealed(&BTreeMap::new()), &BTreeMap::new()).unwrap()),
+            vec![]
+        );
+        assert!(merge_sealed(&merged[..merged.len() - 1], &BTreeMap::new()).is_none());
+        assert!(!decode_sealed(&[1, 0, 0, 0, 200], |_, _| true));
+    }
 }

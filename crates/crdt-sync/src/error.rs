@@ -68,6 +68,15 @@ pub enum Error {
         /// The list's length.
         len: usize,
     },
+    /// The document is at an epoch whose genesis this replica has not received
+    /// yet (it heard of the document from a later epoch); anti-entropy brings it.
+    #[error("document {name:?} is still syncing epoch {epoch}")]
+    Syncing {
+        /// The document.
+        name: String,
+        /// The epoch it waits for.
+        epoch: u64,
+    },
     /// Creating the document would exceed [`crate::DOCS_MAX`].
     #[error("a replica holds at most {max} documents")]
     TooManyDocs {

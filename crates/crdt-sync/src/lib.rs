@@ -70,13 +70,53 @@
 //!   ([`DEDUP_WINDOW_MS_DEFAULT`], one hour), in
 //!   [`TOMBSTONE_BUCKETS_PER_WINDOW`] buckets per folder; a retry of an
 //!   op_id arriving later than the window after it was folded counts again.
-//! - History: automerge keeps every change and every deleted op; the saved
-//!   document and the in-memory op set grow with every operation even when
-//!   the current state is bounded (`benches/growth.rs` measures it). In
-//!   automerge 0.12 one remote apply also costs a pass over the document,
-//!   so the sync layer applies waiting batches together. Bounding history
-//!   needs an epoch rebase (replicas agree on a stable state and restart
-//!   from a deterministic genesis of it), not built yet.
+//! - History: automerge keeps every change and every deleted op, and one
+//!   remote apply costs a pass over the touched objects, so a counter's
+//!   history is bounded by epochs (below): at most two epoch documents of
+//!   about [`ReplicaConfig::epoch_changes_min`] changes each, plus the sealed
+//!   tombstones of the dedup window (about 10 bytes per op_id of 8 bytes in
+//!   the document, and 8 bytes of hash in memory).
+//!
+//! # Epochs (counters)
+//!
+//! A counter lives in a sequence of automerge documents, one per epoch. Epoch
+//! 0 starts from the deterministic genesis. The *coordinator* (the lowest
+//! member id) starts epoch e+1 at a tick when epoch e holds at least
+//! `epoch_changes_min` changes, every member joined e and no older epoch is
+//! kept: it builds a fresh document whose one genesis change holds the state
+//! of e at its heads C: per-node totals (folded plus live, so every live
+//! entry is folded), every tombstone and every live op_id sealed into one
+//! sorted bytes value per tombstone bucket, no acks, and `joined[coordinator]`.
+//! It logs it, publishes it, and writes only to e+1 from then on. No
+//! agreement on C is needed:
+//!
+//! 1. A member that receives the genesis moves to e+1 (e becomes its
+//!    *previous* epoch) and *joins*: in one change it re-writes into e+1 every
+//!    live entry of e that its own actors wrote and e+1 does not know (live or
+//!    tombstone), and sets `joined[member]`. From then on it writes only to
+//!    e+1 (increments, acks, folds). Entries in C are in the genesis; the
+//!    entries beyond C are exactly the ones their authors carry over.
+//! 2. No entry beyond C is folded in e: folding needs every member's ack and
+//!    the coordinator acks nothing in e after C. So until a member joins, its
+//!    entries beyond C are live in e at every replica that has them.
+//! 3. Until every member has joined e+1, reads (and the duplicate check) add,
+//!    from e, the live entries written by members that have not joined yet
+//!    and unknown to e+1, once per op_id. When a member's join arrives, its
+//!    entries move from that sum into e+1 in the same apply, so no counter is
+//!    ever seen going down. Once every member joined, e is dropped.
+//! 4. Change batches, sync messages, op log records and snapshots carry the
+//!    epoch. A replica applies changes of its current, previous and next epoch
+//!    (the next one waits for its genesis; anti-entropy fetches it) and
+//!    ignores older ones. Moving epochs and dropping the previous one depend
+//!    only on the documents' contents, so a replay of the log repeats them; a
+//!    join that a crash cut off is written at recovery or the next tick.
+//!
+//! Epoch 0 needs no joins (every member holds it from the start). From epoch
+//! 1 on, a member that is down pins the epoch: no new one starts until it has
+//! joined, as it pins folding. A member without the document that hears of a
+//! later epoch before its genesis refuses local increments
+//! ([`Error::Syncing`]) until anti-entropy brings it. Members must agree on
+//! the membership (as for folding): two coordinators would build two geneses.
 //!
 //! # Durability
 //!
@@ -110,8 +150,8 @@ pub use list::LIST_ITEM_BYTES_MAX;
 pub use oplog::{MemOpLog, OpLog, OpRecord, conformance as oplog_conformance};
 pub use register::{REGISTER_VALUE_BYTES_MAX, RegisterValue};
 pub use replica::{
-    DEDUP_WINDOW_MS_DEFAULT, DOCS_MAX, MEMBERS_MAX, OP_ID_BYTES_MAX, RemoteApplied, Replica,
-    ReplicaConfig, ReplicaMetrics, SYNC_MESSAGE_BYTES_MAX, Snapshot, TOMBSTONE_BUCKETS_PER_WINDOW,
-    Update,
+    DEDUP_WINDOW_MS_DEFAULT, DOCS_MAX, EPOCH_CHANGES_MIN_DEFAULT, MEMBERS_MAX, OP_ID_BYTES_MAX,
+    OUTGOING_MAX, RemoteApplied, Replica, ReplicaConfig, ReplicaMetrics, SYNC_MESSAGE_BYTES_MAX,
+    Snapshot, TOMBSTONE_BUCKETS_PER_WINDOW, Update,
 };
 pub use set::SET_MEMBER_BYTES_MAX;

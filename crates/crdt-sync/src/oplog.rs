@@ -11,15 +11,20 @@
 //! implementation that persists bytes:
 //!
 //! ```text
-//! format: u8 = 1 | doc_id_len: u16 | doc_id (UTF-8, "kind:name") | batch (see ChangeBatch)
+//! format: u8 = 2 | doc_id_len: u16 | doc_id (UTF-8, "kind:name") | batch (see ChangeBatch)
 //! ```
+//!
+//! The batch carries the epoch of the document the changes entered. Format 1
+//! records (written before epochs) hold a format 1 batch and decode as epoch 0.
 
 use crate::batch::ChangeBatch;
 use crate::doc_id::DocId;
 use crate::error::{Error, OpLogError};
 
 /// Format byte of an encoded [`OpRecord`].
-const RECORD_FORMAT: u8 = 1;
+const RECORD_FORMAT: u8 = 2;
+/// Format byte of records written before epochs.
+const RECORD_FORMAT_LEGACY: u8 = 1;
 
 /// One durable record: changes that entered one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +53,7 @@ impl OpRecord {
         let malformed =
             |reason: &str| Error::Malformed { what: "op record", reason: reason.to_owned() };
         let (format, rest) = bytes.split_first().ok_or_else(|| malformed("empty"))?;
-        if *format != RECORD_FORMAT {
+        if *format != RECORD_FORMAT && *format != RECORD_FORMAT_LEGACY {
             return Err(malformed("unknown format"));
         }
         let (len, rest) =
@@ -60,7 +65,12 @@ impl OpRecord {
         let (doc, rest) = rest.split_at(len);
         let doc =
             std::str::from_utf8(doc).map_err(|_| malformed("doc id is not UTF-8"))?.parse()?;
-        Ok(OpRecord { doc, changes: ChangeBatch::from_bytes(rest)? })
+        let changes = if *format == RECORD_FORMAT_LEGACY {
+            ChangeBatch::from_legacy_bytes(rest)?
+        } else {
+            ChangeBatch::from_bytes(rest)?
+        };
+        Ok(OpRecord { doc, changes })
     }
 }
 
@@ -227,7 +237,13 @@ mod tests {
     fn records_round_trip() {
         let record = record("production");
         assert_eq!(OpRecord::decode(&record.encode()).unwrap(), record);
-        assert!(OpRecord::decode(&[2, 0, 0]).is_err());
+        assert!(OpRecord::decode(&[3, 0, 0]).is_err());
+        let mut legacy = vec![1u8, 12, 0];
+        legacy.extend_from_slice(b"counter:prod");
+        legacy.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0, b'h', b'i']);
+        let decoded = OpRecord::decode(&legacy).unwrap();
+        assert_eq!(decoded.changes.epoch(), 0);
+        assert_eq!(decoded.changes.changes(), vec![&b"hi"[..]]);
         assert!(OpRecord::decode(&[1, 200, 0, b'x']).is_err());
     }
 

@@ -6,7 +6,7 @@
 //! first; when the log refuses, the document is rolled back and the call
 //! fails, so an error always means "nothing applied".
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transaction};
@@ -21,7 +21,7 @@ use crate::list::{self, LIST_ITEM_BYTES_MAX};
 use crate::oplog::{OpLog, OpRecord};
 use crate::register::{self, REGISTER_VALUE_BYTES_MAX, RegisterValue};
 use crate::set::{self, SET_MEMBER_BYTES_MAX};
-use crate::snapshot;
+use crate::snapshot::{self, Part, Role};
 
 /// Longest op_id, in bytes.
 pub const OP_ID_BYTES_MAX: usize = 128;
@@ -45,6 +45,13 @@ pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// change history. Filling a gap takes a handful of messages; what a round leaves unfinished
 /// the next one continues from the heads both sides confirmed.
 pub const SYNC_MESSAGES_PER_ROUND_MAX: u32 = 16;
+/// Default number of changes a counter's epoch document holds before the coordinator
+/// starts the next epoch (see [`ReplicaConfig::epoch_changes_min`]).
+pub const EPOCH_CHANGES_MIN_DEFAULT: u64 = 20_000;
+/// Changes the replica wrote by itself while applying remote ones (joins of a new epoch)
+/// kept for [`Replica::take_outgoing`]; beyond it the oldest go (anti-entropy delivers
+/// them).
+pub const OUTGOING_MAX: usize = 64;
 
 /// How a replica is set up.
 #[derive(Debug, Clone)]
@@ -61,6 +68,10 @@ pub struct ReplicaConfig {
     pub members: Vec<String>,
     /// See [`DEDUP_WINDOW_MS_DEFAULT`].
     pub dedup_window_ms: u64,
+    /// A counter's epoch document that holds at least this many changes is rebased by
+    /// the coordinator (the lowest member id) onto a fresh epoch once every member joined
+    /// it. See [`EPOCH_CHANGES_MIN_DEFAULT`]; `u64::MAX` never rebases.
+    pub epoch_changes_min: u64,
 }
 
 impl ReplicaConfig {
@@ -71,6 +82,7 @@ impl ReplicaConfig {
             incarnation: 0,
             members: members.iter().map(|m| (*m).to_owned()).collect(),
             dedup_window_ms: DEDUP_WINDOW_MS_DEFAULT,
+            epoch_changes_min: EPOCH_CHANGES_MIN_DEFAULT,
         }
     }
 }
@@ -122,6 +134,10 @@ pub struct ReplicaMetrics {
     pub automerge_ops: u64,
     /// Position of the last op log record.
     pub log_position: u64,
+    /// Counter epochs this replica moved to (started as coordinator or joined).
+    pub epochs_entered: u64,
+    /// Highest epoch over the counters held.
+    pub epoch: u64,
 }
 
 /// A snapshot of every document, and the op log position it covers.
@@ -134,9 +150,48 @@ pub struct Snapshot {
     pub covers_position: u64,
 }
 
-struct DocState {
+/// One epoch's automerge document of a document, with its per-peer sync states.
+struct EpochDoc {
+    epoch: u64,
     doc: Automerge,
     peers: BTreeMap<String, PeerSync>,
+}
+
+impl EpochDoc {
+    fn new(epoch: u64, doc: Automerge) -> EpochDoc {
+        EpochDoc { epoch, doc, peers: BTreeMap::new() }
+    }
+
+    /// Whether the document holds its genesis (a document created by changes or sync
+    /// messages of a later epoch waits for it).
+    fn ready(&self) -> bool {
+        matches!(self.doc.get(automerge::ROOT, "kind"), Ok(Some(_)))
+    }
+}
+
+/// Which epoch document of a [`DocState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Current,
+    Previous,
+    Next,
+}
+
+struct DocState {
+    /// The epoch this replica writes to.
+    cur: EpochDoc,
+    /// The epoch before, kept (and read) until every member joined `cur`.
+    previous: Option<EpochDoc>,
+    /// Changes of the epoch after `cur` received before its genesis.
+    next: Option<EpochDoc>,
+    /// Hashes of `cur`'s sealed tombstones.
+    sealed: counter::SealedIndex,
+    /// Epoch of the last sync message from each peer, answered first.
+    reply_epoch: BTreeMap<String, u64>,
+    /// Whether `sealed` was built from a `cur` that held its genesis.
+    indexed: bool,
+    /// Whether this replica is known to have joined `cur`.
+    self_joined: bool,
     /// Exact counter total, for overflow checks; `None` after remote changes.
     counter_total: Option<i128>,
     /// Changes handed to automerge that it queued (their dependencies were missing), so
@@ -157,13 +212,102 @@ struct PeerSync {
 const PENDING_CHANGES_MAX: usize = 4_096;
 
 impl DocState {
-    fn new(doc: Automerge) -> DocState {
-        DocState { doc, peers: BTreeMap::new(), counter_total: None, pending: Some(Vec::new()) }
+    fn new(id: &DocId, epoch: u64, doc: Automerge) -> Result<DocState, Error> {
+        let mut state = DocState {
+            cur: EpochDoc::new(epoch, doc),
+            previous: None,
+            next: None,
+            sealed: counter::SealedIndex::default(),
+            reply_epoch: BTreeMap::new(),
+            indexed: false,
+            self_joined: false,
+            counter_total: None,
+            pending: Some(Vec::new()),
+        };
+        state.reindex(id)?;
+        Ok(state)
+    }
+
+    /// A state for a document first heard of at `epoch`: epoch 0 starts from the
+    /// deterministic genesis, a later epoch waits for the coordinator's.
+    fn fresh(id: &DocId, epoch: u64, actor: &ActorId) -> Result<DocState, Error> {
+        let doc = if epoch == 0 {
+            new_doc(id, actor)?
+        } else {
+            Automerge::new().with_actor(actor.clone())
+        };
+        DocState::new(id, epoch, doc)
+    }
+
+    /// After `cur` changed epochs or received its genesis.
+    fn reindex(&mut self, id: &DocId) -> Result<(), Error> {
+        self.indexed = self.cur.ready();
+        self.sealed = if id.kind() == DocKind::Counter && self.indexed {
+            counter::SealedIndex::build(&self.cur.doc, id)?
+        } else {
+            counter::SealedIndex::default()
+        };
+        self.self_joined = false;
+        self.counter_total = None;
+        self.reset_pending();
+        Ok(())
     }
 
     /// After a rollback (`fork_at` drops automerge's queue) or a replay.
     fn reset_pending(&mut self) {
-        self.pending = self.doc.get_missing_deps(&[]).is_empty().then(Vec::new);
+        self.pending = self.cur.doc.get_missing_deps(&[]).is_empty().then(Vec::new);
+    }
+
+    /// The slot of `epoch`'s document, `None` for an epoch this replica no longer (or
+    /// not yet) keeps.
+    fn slot_of(&self, epoch: u64) -> Option<Slot> {
+        if epoch == self.cur.epoch {
+            Some(Slot::Current)
+        } else if self.previous.as_ref().is_some_and(|p| p.epoch == epoch) {
+            Some(Slot::Previous)
+        } else if Some(epoch) == self.cur.epoch.checked_add(1) {
+            Some(Slot::Next)
+        } else {
+            None
+        }
+    }
+
+    /// The document of `slot`, creating the next epoch's when it is asked for.
+    fn slot_mut(&mut self, slot: Slot, actor: &ActorId) -> &mut EpochDoc {
+        match slot {
+            Slot::Current => &mut self.cur,
+            Slot::Previous => self.previous.as_mut().expect("slot_of checked it"),
+            Slot::Next => {
+                let epoch = self.cur.epoch + 1;
+                self.next.get_or_insert_with(|| {
+                    EpochDoc::new(epoch, Automerge::new().with_actor(actor.clone()))
+                })
+            }
+        }
+    }
+
+    fn epoch_docs(&self) -> impl Iterator<Item = &EpochDoc> {
+        std::iter::once(&self.cur).chain(self.next.as_ref()).chain(self.previous.as_ref())
+    }
+
+    fn epoch_docs_mut(&mut self) -> impl Iterator<Item = &mut EpochDoc> {
+        std::iter::once(&mut self.cur).chain(self.next.as_mut()).chain(self.previous.as_mut())
+    }
+
+    /// The members that joined `cur` (every member, for epoch 0).
+    fn joined(&self, id: &DocId) -> Result<BTreeSet<String>, Error> {
+        Ok(counter::joined(&self.cur.doc, id)?.unwrap_or_default())
+    }
+
+    /// What the previous epoch adds to a read of `cur` (empty once it is dropped).
+    fn extra(&self, id: &DocId) -> Result<counter::Extra, Error> {
+        match &self.previous {
+            Some(previous) if self.cur.ready() => {
+                let joined = self.joined(id)?;
+                counter::extra(&previous.doc, &self.cur.doc, id, &self.sealed, &joined)
+            }
+            _ => Ok(counter::Extra::new()),
+        }
     }
 }
 
@@ -174,6 +318,10 @@ pub struct Replica<L: OpLog> {
     actor: ActorId,
     members: Vec<String>,
     dedup_window_ms: u64,
+    epoch_changes_min: u64,
+    outgoing: VecDeque<(DocId, ChangeBatch)>,
+    /// Latest `now_ms` a caller passed (the time of changes the replica writes by itself).
+    last_now_ms: u64,
     docs: BTreeMap<DocId, DocState>,
     log: L,
     metrics: ReplicaMetrics,
@@ -212,6 +360,9 @@ impl<L: OpLog> Replica<L> {
             node_id: config.node_id,
             members: members.into_iter().collect(),
             dedup_window_ms: config.dedup_window_ms.max(1),
+            epoch_changes_min: config.epoch_changes_min.max(1),
+            outgoing: VecDeque::new(),
+            last_now_ms: 0,
             docs: BTreeMap::new(),
             log,
             metrics: ReplicaMetrics::default(),
@@ -230,40 +381,83 @@ impl<L: OpLog> Replica<L> {
         if let Some(bytes) = snapshot {
             let decoded = snapshot::decode(bytes)?;
             after_position = decoded.covers_position;
-            for (id, doc_bytes) in decoded.docs {
-                let mut doc = Automerge::load(&doc_bytes).map_err(|e| Error::Malformed {
-                    what: "snapshot document",
-                    reason: e.to_string(),
+            for (id, parts) in decoded.docs {
+                let mut current = None;
+                let mut previous = None;
+                let mut next = None;
+                for part in parts {
+                    let mut doc = Automerge::load(&part.bytes).map_err(|e| Error::Malformed {
+                        what: "snapshot document",
+                        reason: e.to_string(),
+                    })?;
+                    doc.set_actor(replica.actor.clone());
+                    let epoch_doc = Some(EpochDoc::new(part.epoch, doc));
+                    match part.role {
+                        Role::Current => current = epoch_doc,
+                        Role::Previous => previous = epoch_doc,
+                        Role::Next => next = epoch_doc,
+                    }
+                }
+                let current = current.ok_or_else(|| Error::Malformed {
+                    what: "snapshot",
+                    reason: format!("{id} has no current epoch"),
                 })?;
-                doc.set_actor(replica.actor.clone());
-                replica.docs.insert(id, DocState::new(doc));
+                let mut state = DocState::new(&id, current.epoch, current.doc)?;
+                state.previous = previous;
+                state.next = next;
+                replica.docs.insert(id, state);
             }
         }
         let actor = replica.actor.clone();
+        let members = replica.members.clone();
         let docs = &mut replica.docs;
+        let mut entered = 0;
         replica.log.replay(after_position, &mut |_, record| {
             let changes = parse_changes(&record.changes)?;
+            let epoch = record.changes.epoch();
             let state = match docs.entry(record.doc.clone()) {
                 std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::btree_map::Entry::Vacant(entry) => {
-                    entry.insert(DocState::new(new_doc(&record.doc, &actor)?))
+                    entry.insert(DocState::fresh(&record.doc, epoch, &actor)?)
                 }
             };
-            state.doc.apply_changes(changes)?;
+            let slot = match state.slot_of(epoch) {
+                Some(slot) => slot,
+                // Live, the previous epoch's document existed without a record (it held
+                // nothing to log before the next epoch arrived, so this replay started
+                // the document at the next epoch): it takes this record.
+                None if state.previous.is_none()
+                    && Some(epoch) == state.cur.epoch.checked_sub(1) =>
+                {
+                    let fresh = DocState::fresh(&record.doc, epoch, &actor)?;
+                    state.previous = Some(fresh.cur);
+                    Slot::Previous
+                }
+                None => return Ok(()),
+            };
+            state.slot_mut(slot, &actor).doc.apply_changes(changes)?;
+            entered += settle_epochs(state, &record.doc, &members)?;
             Ok(())
         })?;
+        replica.metrics.epochs_entered += entered;
         for (id, state) in &mut replica.docs {
             state.reset_pending();
             // Every applied change is logged in apply order, so a replay leaves nothing
             // waiting for a dependency; anything that does was never applied before the
             // crash either, or the log lost a change (anti-entropy fetches it from peers).
-            let missing = state.doc.get_missing_deps(&[]);
-            if !missing.is_empty() {
+            let missing = state.cur.doc.get_missing_deps(&[]);
+            if !missing.is_empty() && state.cur.ready() {
                 tracing::error!(
                     doc = %id,
                     missing_deps = missing.len(),
                     "recovered document has changes waiting for dependencies the log lacks"
                 );
+            }
+        }
+        // A crash between entering an epoch and logging the join leaves it to do now.
+        for id in replica.docs() {
+            if let Err(error) = replica.join_epoch(&id) {
+                tracing::warn!(doc = %id, %error, "joining the current epoch after recovery");
             }
         }
         replica.metrics.log_position = replica.log.last_position();
@@ -315,8 +509,9 @@ impl<L: OpLog> Replica<L> {
         if amount == 0 {
             return Err(Error::ZeroAmount);
         }
+        self.check_ready(doc)?;
         if let Some(state) = self.docs.get(doc)
-            && let Some(existing) = counter::lookup(&state.doc, doc, op_id)?
+            && let Some(existing) = known_op(state, doc, op_id)?
         {
             if existing != amount {
                 return Err(Error::OpIdReused { op_id: op_id.to_owned(), existing, amount });
@@ -342,9 +537,40 @@ impl<L: OpLog> Replica<L> {
     pub fn counter(&self, doc: &DocId) -> Result<Option<CounterValue>, Error> {
         expect_kind(doc, DocKind::Counter)?;
         match self.docs.get(doc) {
-            None => Ok(None),
-            Some(state) => Ok(Some(counter::read(&state.doc, doc)?)),
+            Some(state) if state.cur.ready() => {
+                Ok(Some(counter::read(&state.cur.doc, doc, &state.sealed, &state.extra(doc)?)?))
+            }
+            _ => Ok(None),
         }
+    }
+
+    /// The epoch documents of `doc` and what they add, for test diagnostics.
+    #[doc(hidden)]
+    pub fn epoch_summary(&self, doc: &DocId) -> String {
+        match self.docs.get(doc) {
+            None => "absent".into(),
+            Some(s) => format!(
+                "cur {} ready {} prev {:?} next {:?} joined {:?} extra {:?} heads {}",
+                s.cur.epoch,
+                s.cur.ready(),
+                s.previous.as_ref().map(|p| p.epoch),
+                s.next.as_ref().map(|p| (p.epoch, p.ready())),
+                counter::joined(&s.cur.doc, doc).ok(),
+                s.extra(doc).ok(),
+                s.cur.doc.get_heads().len(),
+            ),
+        }
+    }
+
+    /// The epoch counter `doc` writes to, `None` if it does not exist.
+    pub fn epoch(&self, doc: &DocId) -> Option<u64> {
+        self.docs.get(doc).map(|state| state.cur.epoch)
+    }
+
+    /// Changes this replica wrote while applying remote ones or recovering (its join of
+    /// a new epoch): publish them like the changes of local operations.
+    pub fn take_outgoing(&mut self) -> Vec<(DocId, ChangeBatch)> {
+        self.outgoing.drain(..).collect()
     }
 
     fn counter_total(&mut self, doc: &DocId) -> Result<i128, Error> {
@@ -354,7 +580,7 @@ impl<L: OpLog> Replica<L> {
         if let Some(total) = state.counter_total {
             return Ok(total);
         }
-        let total = counter::total(&state.doc, doc)?;
+        let total = counter::total(&state.cur.doc, doc, &state.sealed, &state.extra(doc)?)?;
         state.counter_total = Some(total);
         Ok(total)
     }
@@ -365,15 +591,21 @@ impl<L: OpLog> Replica<L> {
     /// fold lag is about two periods plus the sync lag). Returns the changes
     /// to publish.
     pub fn tick(&mut self, now_ms: u64) -> Result<Vec<(DocId, ChangeBatch)>, Error> {
+        self.last_now_ms = self.last_now_ms.max(now_ms);
         let counters: Vec<DocId> =
             self.docs.keys().filter(|id| id.kind() == DocKind::Counter).cloned().collect();
         let bucket_ms = (self.dedup_window_ms / TOMBSTONE_BUCKETS_PER_WINDOW).max(1);
         let mut out = Vec::new();
         for id in counters {
+            if !self.docs[&id].cur.ready() {
+                continue;
+            }
+            // A join that failed when the epoch arrived is retried here.
+            self.join_epoch(&id)?;
             let plan = {
                 let state = &self.docs[&id];
                 counter::plan_maintenance(
-                    &state.doc,
+                    &state.cur.doc,
                     &id,
                     &self.node_id,
                     &self.members,
@@ -381,21 +613,114 @@ impl<L: OpLog> Replica<L> {
                     self.dedup_window_ms,
                 )?
             };
-            if plan.is_empty() {
-                continue;
+            if !plan.is_empty() {
+                let node = self.node_id.clone();
+                let changes = self.local_change(&id, now_ms, |tx| {
+                    counter::apply_maintenance(tx, &id, &node, &plan, now_ms, bucket_ms)
+                })?;
+                self.metrics.folded_ops += plan.folds() as u64;
+                if let Some(changes) = changes {
+                    // Maintenance is not a client operation.
+                    self.metrics.local_ops -= 1;
+                    out.push((id.clone(), changes));
+                }
             }
-            let node = self.node_id.clone();
-            let changes = self.local_change(&id, now_ms, |tx| {
-                counter::apply_maintenance(tx, &id, &node, &plan, now_ms, bucket_ms)
-            })?;
-            self.metrics.folded_ops += plan.folds() as u64;
-            if let Some(changes) = changes {
-                // Maintenance is not a client operation.
-                self.metrics.local_ops -= 1;
-                out.push((id, changes));
+            if let Some(genesis) = self.start_epoch(&id, now_ms, bucket_ms)? {
+                out.push((id, genesis));
             }
         }
+        out.extend(self.take_outgoing());
         Ok(out)
+    }
+
+    /// As the coordinator (the lowest member id), starts the next epoch of counter `id`
+    /// when its current one holds at least `epoch_changes_min` changes, every member
+    /// joined it and the one before is gone: builds the genesis from the current state
+    /// (see `counter::build_genesis`), logs it, and moves to it. Returns it to publish.
+    fn start_epoch(
+        &mut self,
+        id: &DocId,
+        now_ms: u64,
+        bucket_ms: u64,
+    ) -> Result<Option<ChangeBatch>, Error> {
+        let state = &self.docs[id];
+        if self.members.first() != Some(&self.node_id)
+            || state.previous.is_some()
+            || state.next.is_some()
+            || !state.cur.ready()
+            || !state.cur.doc.get_missing_deps(&[]).is_empty()
+            || (state.cur.doc.get_heads().is_empty())
+            || changes_held(&state.cur.doc) < self.epoch_changes_min
+            || !counter::all_joined(&state.cur.doc, id, &self.members)?
+        {
+            return Ok(None);
+        }
+        let epoch = state.cur.epoch + 1;
+        let by = counter::GenesisBy {
+            node: &self.node_id,
+            actor: &self.actor,
+            epoch,
+            now_ms,
+            tombstone_bucket_ms: bucket_ms,
+        };
+        let Some(genesis) = counter::build_genesis(&state.cur.doc, id, &state.sealed, &by)? else {
+            return Ok(None);
+        };
+        let mut batch = ChangeBatch::for_epoch(epoch);
+        for change in genesis.get_changes(&[]) {
+            batch.push(change.raw_bytes());
+        }
+        let record = OpRecord { doc: id.clone(), changes: batch };
+        self.log.append(std::slice::from_ref(&record))?;
+        let state = self.docs.get_mut(id).expect("present");
+        state.next = Some(EpochDoc::new(epoch, genesis));
+        self.metrics.epochs_entered += settle_epochs(state, id, &self.members)?;
+        tracing::info!(doc = %id, epoch, "started a counter epoch");
+        Ok(Some(record.changes))
+    }
+
+    /// Joins the current epoch of counter `id` if this replica has not yet: carries its
+    /// own increments of the previous epoch that the current one does not know over, and
+    /// marks itself joined, in one logged change (queued for [`Replica::take_outgoing`]).
+    /// Then drops the previous epoch if every member has joined.
+    fn join_epoch(&mut self, id: &DocId) -> Result<(), Error> {
+        let Some(state) = self.docs.get_mut(id) else {
+            return Ok(());
+        };
+        if id.kind() != DocKind::Counter
+            || state.self_joined
+            || state.cur.epoch == 0
+            || !state.cur.ready()
+        {
+            return Ok(());
+        }
+        if state.joined(id)?.contains(&self.node_id) {
+            state.self_joined = true;
+            return Ok(());
+        }
+        let carried = match &state.previous {
+            Some(previous) => {
+                counter::plan_join(&previous.doc, &state.cur.doc, id, &state.sealed, &self.node_id)?
+            }
+            None => Vec::new(),
+        };
+        let node = self.node_id.clone();
+        let now_ms = self.last_now_ms;
+        let changes =
+            self.local_change(id, now_ms, |tx| counter::write_join(tx, id, &node, &carried))?;
+        self.metrics.local_ops -= 1;
+        let state = self.docs.get_mut(id).expect("present");
+        state.self_joined = true;
+        state.counter_total = None;
+        settle_epochs(state, id, &self.members)?;
+        if let Some(changes) = changes {
+            if self.outgoing.len() >= OUTGOING_MAX {
+                self.outgoing.pop_front();
+            }
+            self.outgoing.push_back((id.clone(), changes));
+        }
+        tracing::info!(doc = %id, carried = carried.len(), "joined a counter epoch");
+        Ok(())
     }
 
     // ----- registers -----
@@ -421,7 +746,7 @@ impl<L: OpLog> Replica<L> {
             });
         }
         if let Some(state) = self.docs.get(doc)
-            && let Some((current, current_json)) = register::read_raw(&state.doc, doc)?
+            && let Some((current, current_json)) = register::read_raw(&state.cur.doc, doc)?
         {
             if version == current && json == current_json {
                 self.metrics.duplicate_ops += 1;
@@ -448,7 +773,7 @@ impl<L: OpLog> Replica<L> {
         expect_kind(doc, DocKind::Register)?;
         match self.docs.get(doc) {
             None => Ok(None),
-            Some(state) => register::read(&state.doc, doc),
+            Some(state) => register::read(&state.cur.doc, doc),
         }
     }
 
@@ -479,7 +804,7 @@ impl<L: OpLog> Replica<L> {
         expect_kind(doc, DocKind::Set)?;
         check_member(member)?;
         let present = match self.docs.get(doc) {
-            Some(state) => set::contains(&state.doc, doc, member)?,
+            Some(state) => set::contains(&state.cur.doc, doc, member)?,
             None => false,
         };
         if !present {
@@ -495,7 +820,7 @@ impl<L: OpLog> Replica<L> {
         expect_kind(doc, DocKind::Set)?;
         match self.docs.get(doc) {
             None => Ok(Vec::new()),
-            Some(state) => set::members(&state.doc, doc),
+            Some(state) => set::members(&state.cur.doc, doc),
         }
     }
 
@@ -505,7 +830,7 @@ impl<L: OpLog> Replica<L> {
         expect_kind(doc, DocKind::Set)?;
         match self.docs.get(doc) {
             None => Ok(Vec::new()),
-            Some(state) => set::tags(&state.doc, doc, member),
+            Some(state) => set::tags(&state.cur.doc, doc, member),
         }
     }
 
@@ -544,17 +869,50 @@ impl<L: OpLog> Replica<L> {
         expect_kind(doc, DocKind::List)?;
         match self.docs.get(doc) {
             None => Ok(Vec::new()),
-            Some(state) => list::items(&state.doc, doc),
+            Some(state) => list::items(&state.cur.doc, doc),
         }
     }
 
     // ----- replication -----
 
     /// Applies a batch a peer published. Idempotent: changes already held
-    /// are skipped. Malformed bytes are refused whole.
+    /// are skipped. Malformed bytes are refused whole. A batch of an epoch this
+    /// replica no longer keeps counts as duplicates.
     pub fn apply_changes(&mut self, doc: &DocId, batch: &[u8]) -> Result<RemoteApplied, Error> {
         let batch = ChangeBatch::from_bytes(batch)?;
         let changes = parse_changes(&batch)?;
+        let epoch = batch.epoch();
+        let slot = match self.docs.get(doc) {
+            Some(state) => state.slot_of(epoch),
+            None => Some(Slot::Current),
+        };
+        match slot {
+            None => Ok(RemoteApplied { duplicates: changes.len(), ..RemoteApplied::default() }),
+            Some(Slot::Current) => self.apply_current(doc, epoch, changes),
+            Some(_) => {
+                let total = changes.len();
+                let actor = self.actor.clone();
+                let mut duplicates = 0;
+                let applied = self.remote_changes(doc, epoch, None, |state, slot| {
+                    let epoch_doc = state.slot_mut(slot, &actor);
+                    let fresh: Vec<Change> =
+                        changes.into_iter().filter(|c| !has_change(&epoch_doc.doc, c)).collect();
+                    duplicates = total - fresh.len();
+                    epoch_doc.doc.apply_changes(fresh)?;
+                    Ok(None)
+                })?;
+                let pending = total.saturating_sub(duplicates + applied);
+                Ok(RemoteApplied { applied, duplicates, pending })
+            }
+        }
+    }
+
+    fn apply_current(
+        &mut self,
+        doc: &DocId,
+        epoch: u64,
+        changes: Vec<Change>,
+    ) -> Result<RemoteApplied, Error> {
         let mut outcome = RemoteApplied::default();
         let mut fresh = Vec::new();
         // Changes already applied but handed over again (not to be logged twice).
@@ -563,9 +921,9 @@ impl<L: OpLog> Replica<L> {
             Some(state) => {
                 // While automerge holds queued changes, hand it everything: each apply
                 // is also what releases queued changes whose dependencies are now in.
-                let queue_empty = state.doc.get_missing_deps(&[]).is_empty();
+                let queue_empty = state.cur.doc.get_missing_deps(&[]).is_empty();
                 for change in changes {
-                    if !has_change(&state.doc, &change) {
+                    if !has_change(&state.cur.doc, &change) {
                         fresh.push(change);
                     } else if queue_empty {
                         outcome.duplicates += 1;
@@ -583,14 +941,20 @@ impl<L: OpLog> Replica<L> {
         }
         // A known counter total is carried across the apply through the keys it writes
         // (queued changes it may release included), instead of a walk of the document at
-        // the next increment.
+        // the next increment; not while an epoch changes hands (the previous epoch's
+        // increments count too).
         let carried = match self.docs.get(doc) {
-            Some(state) if doc.kind() == DocKind::Counter => {
+            Some(state)
+                if doc.kind() == DocKind::Counter
+                    && state.previous.is_none()
+                    && state.next.is_none()
+                    && state.cur.ready() =>
+            {
                 match (state.counter_total, &state.pending) {
                     (Some(total), Some(pending)) => {
                         match counter::touched_keys(fresh.iter().chain(pending.iter())) {
                             Some(keys) => {
-                                let before = counter::contribution(&state.doc, doc, &keys)?;
+                                let before = counter::contribution(&state.cur.doc, doc, &keys)?;
                                 Some((total, keys, before))
                             }
                             None => None,
@@ -602,8 +966,8 @@ impl<L: OpLog> Replica<L> {
             _ => None,
         };
         let count = fresh.len() - held.len();
-        let applied = self.remote_changes(doc, None, |state| {
-            state.doc.apply_changes(fresh.iter().cloned())?;
+        let applied = self.remote_changes(doc, epoch, None, |state, _| {
+            state.cur.doc.apply_changes(fresh.iter().cloned())?;
             // Log what was applied, from the bytes received (asking automerge for the
             // new changes costs a scan of the document): this batch's applied changes
             // and the queued ones it released. Local changes made later depend on
@@ -611,14 +975,14 @@ impl<L: OpLog> Replica<L> {
             let Some(pending) = state.pending.as_mut() else {
                 return Ok(None);
             };
-            let mut applied = ChangeBatch::new();
+            let mut applied = ChangeBatch::for_epoch(epoch);
             let mut still_pending = Vec::new();
             let mut seen = held;
             for change in pending.drain(..).chain(fresh.iter().cloned()) {
                 if !seen.insert(change.hash()) {
                     continue;
                 }
-                if has_change(&state.doc, &change) {
+                if has_change(&state.cur.doc, &change) {
                     applied.push(change.raw_bytes());
                 } else {
                     still_pending.push(change);
@@ -632,8 +996,10 @@ impl<L: OpLog> Replica<L> {
         if let Some((total, keys, before)) = carried
             && let Some(state) = self.docs.get_mut(doc)
             && state.counter_total.is_none()
+            && state.cur.epoch == epoch
+            && state.previous.is_none()
         {
-            match counter::contribution(&state.doc, doc, &keys) {
+            match counter::contribution(&state.cur.doc, doc, &keys) {
                 Ok(after) => state.counter_total = Some(total + after - before),
                 Err(_) => state.counter_total = None,
             }
@@ -644,21 +1010,41 @@ impl<L: OpLog> Replica<L> {
     /// The next anti-entropy message for `peer` about `doc`, if there is
     /// anything to say. Send it to the peer, which answers through
     /// [`Replica::receive_sync_message`]; repeat until both sides return
-    /// `None`.
+    /// `None`. A counter that is changing epochs syncs each epoch's document
+    /// (the one the peer last spoke about first).
     pub fn sync_message(&mut self, doc: &DocId, peer: &str) -> Option<Vec<u8>> {
         let state = self.docs.get_mut(doc)?;
-        let peer_sync = state.peers.entry(peer.to_owned()).or_default();
-        if peer_sync.sent_in_round >= SYNC_MESSAGES_PER_ROUND_MAX {
-            return None;
+        let preferred = state.reply_epoch.get(peer).copied();
+        let mut order: Vec<u64> = preferred.into_iter().collect();
+        order.extend(state.epoch_docs().map(|d| d.epoch).filter(|e| Some(*e) != preferred));
+        for epoch in order {
+            let epoch_doc = match state.slot_of(epoch) {
+                Some(Slot::Current) => &mut state.cur,
+                Some(Slot::Previous) => state.previous.as_mut()?,
+                Some(Slot::Next) => match state.next.as_mut() {
+                    Some(next) => next,
+                    None => continue,
+                },
+                None => continue,
+            };
+            let peer_sync = epoch_doc.peers.entry(peer.to_owned()).or_default();
+            if peer_sync.sent_in_round >= SYNC_MESSAGES_PER_ROUND_MAX {
+                continue;
+            }
+            if let Some(message) = epoch_doc.doc.generate_sync_message(&mut peer_sync.state) {
+                peer_sync.sent_in_round += 1;
+                let mut bytes = epoch.to_le_bytes().to_vec();
+                bytes.extend_from_slice(&message.encode());
+                return Some(bytes);
+            }
         }
-        let message = state.doc.generate_sync_message(&mut peer_sync.state)?;
-        peer_sync.sent_in_round += 1;
-        Some(message.encode())
+        None
     }
 
     /// Receives an anti-entropy message from `peer` about `doc` (creating
     /// the document if this replica did not have it). Returns how many
-    /// changes it applied.
+    /// changes it applied. A message about an epoch this replica no longer
+    /// keeps is ignored.
     pub fn receive_sync_message(
         &mut self,
         doc: &DocId,
@@ -673,12 +1059,18 @@ impl<L: OpLog> Replica<L> {
                 max_bytes: SYNC_MESSAGE_BYTES_MAX,
             });
         }
+        let (epoch, message) = message
+            .split_first_chunk::<8>()
+            .ok_or_else(|| Error::Malformed { what: "sync message", reason: "truncated".into() })?;
+        let epoch = u64::from_le_bytes(*epoch);
         let message = sync::Message::decode(message)
             .map_err(|e| Error::Malformed { what: "sync message", reason: e.to_string() })?;
         self.metrics.sync_messages += 1;
-        self.remote_changes(doc, Some(peer), |doc_state| {
+        let actor = self.actor.clone();
+        self.remote_changes(doc, epoch, Some(peer), |state, slot| {
+            state.reply_epoch.insert(peer.to_owned(), epoch);
             // Split borrow: the document and this peer's sync state.
-            let DocState { doc, peers, .. } = doc_state;
+            let EpochDoc { doc, peers, .. } = state.slot_mut(slot, &actor);
             let peer_sync = peers.entry(peer.to_owned()).or_default();
             doc.receive_sync_message(&mut peer_sync.state, message)?;
             Ok(None)
@@ -693,10 +1085,12 @@ impl<L: OpLog> Replica<L> {
     /// that lost its data is detected by automerge and fully resynced.
     pub fn reset_peer(&mut self, peer: &str) {
         for state in self.docs.values_mut() {
-            if let Some(peer_sync) = state.peers.get_mut(peer) {
-                let shared_heads = std::mem::take(&mut peer_sync.state.shared_heads);
-                *peer_sync = PeerSync::default();
-                peer_sync.state.shared_heads = shared_heads;
+            for epoch_doc in state.epoch_docs_mut() {
+                if let Some(peer_sync) = epoch_doc.peers.get_mut(peer) {
+                    let shared_heads = std::mem::take(&mut peer_sync.state.shared_heads);
+                    *peer_sync = PeerSync::default();
+                    peer_sync.state.shared_heads = shared_heads;
+                }
             }
         }
     }
@@ -707,8 +1101,21 @@ impl<L: OpLog> Replica<L> {
     /// position it covers.
     pub fn snapshot(&self) -> Snapshot {
         let covers_position = self.log.last_position();
-        let docs: Vec<(DocId, Vec<u8>)> =
-            self.docs.iter().map(|(id, state)| (id.clone(), state.doc.save())).collect();
+        let part = |role: Role, epoch_doc: &EpochDoc| Part {
+            role,
+            epoch: epoch_doc.epoch,
+            bytes: epoch_doc.doc.save(),
+        };
+        let docs: Vec<(DocId, Vec<Part>)> = self
+            .docs
+            .iter()
+            .map(|(id, state)| {
+                let mut parts = vec![part(Role::Current, &state.cur)];
+                parts.extend(state.previous.as_ref().map(|p| part(Role::Previous, p)));
+                parts.extend(state.next.as_ref().map(|n| part(Role::Next, n)));
+                (id.clone(), parts)
+            })
+            .collect();
         Snapshot { bytes: snapshot::encode(covers_position, &docs), covers_position }
     }
 
@@ -721,7 +1128,12 @@ impl<L: OpLog> Replica<L> {
     /// Size of `doc` saved (what a snapshot stores for it), in bytes.
     /// Costs a save; call it at metrics intervals, not per operation.
     pub fn doc_bytes(&self, doc: &DocId) -> Option<usize> {
-        self.docs.get(doc).map(|state| state.doc.save().len())
+        self.docs.get(doc).map(|state| state.epoch_docs().map(|d| d.doc.save().len()).sum())
+    }
+
+    /// Counter epochs this replica entered (cheap; [`ReplicaMetrics::epochs_entered`]).
+    pub fn epochs_entered(&self) -> u64 {
+        self.metrics.epochs_entered
     }
 
     /// What this replica did and holds.
@@ -730,10 +1142,14 @@ impl<L: OpLog> Replica<L> {
         metrics.docs = self.docs.len() as u64;
         metrics.changes = 0;
         metrics.automerge_ops = 0;
+        metrics.epoch = 0;
         for state in self.docs.values() {
-            let stats = state.doc.stats();
-            metrics.changes += stats.num_changes;
-            metrics.automerge_ops += stats.num_ops;
+            metrics.epoch = metrics.epoch.max(state.cur.epoch);
+            for epoch_doc in state.epoch_docs() {
+                let stats = epoch_doc.doc.stats();
+                metrics.changes += stats.num_changes;
+                metrics.automerge_ops += stats.num_ops;
+            }
         }
         metrics.log_position = self.log.last_position();
         metrics
@@ -741,24 +1157,36 @@ impl<L: OpLog> Replica<L> {
 
     // ----- internals -----
 
-    /// Runs `write` in one transaction on `doc` (creating it), logs the
-    /// change durably, and rolls everything back on any error.
+    /// Refuses local operations on a document that waits for its epoch's genesis.
+    fn check_ready(&self, id: &DocId) -> Result<(), Error> {
+        match self.docs.get(id) {
+            Some(state) if !state.cur.ready() => {
+                Err(Error::Syncing { name: id.to_string(), epoch: state.cur.epoch })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `write` in one transaction on `doc`'s current epoch (creating the
+    /// document), logs the change durably, and rolls everything back on any error.
     fn local_change(
         &mut self,
         id: &DocId,
         now_ms: u64,
         write: impl FnOnce(&mut Transaction<'_>) -> Result<(), Error>,
     ) -> Result<Option<ChangeBatch>, Error> {
+        self.last_now_ms = self.last_now_ms.max(now_ms);
+        self.check_ready(id)?;
         let created = !self.docs.contains_key(id);
         if created {
             if self.docs.len() >= DOCS_MAX {
                 return Err(Error::TooManyDocs { max: DOCS_MAX });
             }
-            self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
+            self.docs.insert(id.clone(), DocState::fresh(id, 0, &self.actor)?);
         }
         let state = self.docs.get_mut(id).expect("inserted above");
-        let heads_before = state.doc.get_heads();
-        let mut tx = state.doc.transaction();
+        let heads_before = state.cur.doc.get_heads();
+        let mut tx = state.cur.doc.transaction();
         if let Err(error) = write(&mut tx) {
             tx.rollback();
             if created {
@@ -771,8 +1199,9 @@ impl<L: OpLog> Replica<L> {
         if hash.is_none() {
             return Ok(None);
         }
-        let mut change = state.doc.get_last_local_change().expect("a change was just committed");
-        let mut batch = ChangeBatch::new();
+        let mut change =
+            state.cur.doc.get_last_local_change().expect("a change was just committed");
+        let mut batch = ChangeBatch::for_epoch(state.cur.epoch);
         batch.push(&change.bytes());
         let record = OpRecord { doc: id.clone(), changes: batch };
         if let Err(error) = self.log.append(std::slice::from_ref(&record)) {
@@ -780,9 +1209,9 @@ impl<L: OpLog> Replica<L> {
                 self.docs.remove(id);
             } else {
                 let state = self.docs.get_mut(id).expect("present");
-                let mut doc = state.doc.fork_at(&heads_before)?;
+                let mut doc = state.cur.doc.fork_at(&heads_before)?;
                 doc.set_actor(self.actor.clone());
-                state.doc = doc;
+                state.cur.doc = doc;
                 state.counter_total = None;
                 state.reset_pending();
             }
@@ -792,37 +1221,47 @@ impl<L: OpLog> Replica<L> {
         Ok(Some(record.changes))
     }
 
-    /// Runs `receive` on `doc` (creating it), logs every change it applied,
-    /// and rolls back on any error. `receive` returns the applied changes
-    /// when it knows them, `None` to have them looked up. Returns how many
-    /// changes were applied.
+    /// Runs `receive` on the document of `epoch` of `id` (creating the document, or
+    /// the next epoch's), logs every change it applied, and rolls back on any error.
+    /// `receive` returns the applied changes when it knows them, `None` to have them
+    /// looked up. Then moves epochs on (`settle_epochs`) and joins a new one. Returns
+    /// how many changes were applied (0 for an epoch this replica no longer keeps).
     fn remote_changes(
         &mut self,
         id: &DocId,
+        epoch: u64,
         peer: Option<&str>,
-        receive: impl FnOnce(&mut DocState) -> Result<Option<ChangeBatch>, Error>,
+        receive: impl FnOnce(&mut DocState, Slot) -> Result<Option<ChangeBatch>, Error>,
     ) -> Result<usize, Error> {
         let created = !self.docs.contains_key(id);
         if created {
             if self.docs.len() >= DOCS_MAX {
                 return Err(Error::TooManyDocs { max: DOCS_MAX });
             }
-            self.docs.insert(id.clone(), DocState::new(new_doc(id, &self.actor)?));
+            self.docs.insert(id.clone(), DocState::fresh(id, epoch, &self.actor)?);
         }
+        let actor = self.actor.clone();
         let state = self.docs.get_mut(id).expect("inserted above");
-        let heads_before = state.doc.get_heads();
-        let result = receive(state).map(|applied| match applied {
+        let Some(slot) = state.slot_of(epoch) else {
+            return Ok(0);
+        };
+        let next_created = slot == Slot::Next && state.next.is_none();
+        let heads_before = state.slot_mut(slot, &actor).doc.get_heads();
+        let result = receive(state, slot).map(|applied| match applied {
             Some(applied) => applied,
             None => {
-                let mut applied = ChangeBatch::new();
-                if state.doc.get_heads() != heads_before {
-                    for mut change in state.doc.get_changes(&heads_before) {
+                let epoch_doc = state.slot_mut(slot, &actor);
+                let mut applied = ChangeBatch::for_epoch(epoch);
+                if epoch_doc.doc.get_heads() != heads_before {
+                    for mut change in epoch_doc.doc.get_changes(&heads_before) {
                         applied.push(&change.bytes());
                     }
                 }
                 // The difference holds whatever left the queue; what a sync message
                 // put in it is unknown here, so track it again only once it is empty.
-                state.reset_pending();
+                if slot == Slot::Current {
+                    state.reset_pending();
+                }
                 applied
             }
         });
@@ -842,6 +1281,11 @@ impl<L: OpLog> Replica<L> {
                     state.counter_total = None;
                 }
                 self.metrics.remote_changes += count as u64;
+                self.metrics.epochs_entered += settle_epochs(state, id, &self.members)?;
+                if let Err(error) = self.join_epoch(id) {
+                    // The changes are durable; the next tick tries again.
+                    tracing::warn!(doc = %id, %error, "joining the current epoch");
+                }
                 Ok(count)
             }
             Err(error) => {
@@ -849,18 +1293,69 @@ impl<L: OpLog> Replica<L> {
                     self.docs.remove(id);
                 } else {
                     let state = self.docs.get_mut(id).expect("present");
-                    let mut doc = state.doc.fork_at(&heads_before)?;
-                    doc.set_actor(self.actor.clone());
-                    state.doc = doc;
+                    if next_created {
+                        state.next = None;
+                    } else {
+                        let epoch_doc = state.slot_mut(slot, &actor);
+                        let mut doc = epoch_doc.doc.fork_at(&heads_before)?;
+                        doc.set_actor(actor.clone());
+                        epoch_doc.doc = doc;
+                        if let Some(peer) = peer {
+                            epoch_doc.peers.remove(peer);
+                        }
+                    }
                     state.counter_total = None;
                     state.reset_pending();
-                    if let Some(peer) = peer {
-                        state.peers.remove(peer);
-                    }
                 }
                 Err(error)
             }
         }
+    }
+}
+
+/// Changes `doc` holds (O(1) in automerge 0.12).
+fn changes_held(doc: &Automerge) -> u64 {
+    doc.stats().num_changes
+}
+
+/// Moves `state` to the next epoch once its genesis arrived (the current epoch becomes
+/// the previous one; an older one is dropped: every member had joined the current one
+/// before the coordinator started the next), reindexes a current epoch whose genesis
+/// just arrived, and drops the previous epoch once every member joined the current one.
+/// Deterministic in the documents' contents, so a replay of the log does the same.
+/// Returns the epochs entered (0 or 1).
+fn settle_epochs(state: &mut DocState, id: &DocId, members: &[String]) -> Result<u64, Error> {
+    if id.kind() != DocKind::Counter {
+        return Ok(0);
+    }
+    let mut entered = 0;
+    if state.next.as_ref().is_some_and(EpochDoc::ready) {
+        let next = state.next.take().expect("checked above");
+        state.previous = Some(std::mem::replace(&mut state.cur, next));
+        state.reindex(id)?;
+        entered = 1;
+    } else if !state.indexed && state.cur.ready() {
+        state.reindex(id)?;
+    }
+    if state.previous.is_some()
+        && state.cur.ready()
+        && counter::all_joined(&state.cur.doc, id, members)?
+    {
+        state.previous = None;
+        state.counter_total = None;
+    }
+    Ok(entered)
+}
+
+/// The amount counter `id` already holds for `op_id`: in the current epoch, or in the
+/// previous one from a member that has not joined the current one.
+fn known_op(state: &DocState, id: &DocId, op_id: &str) -> Result<Option<i64>, Error> {
+    if let Some(amount) = counter::lookup(&state.cur.doc, id, &state.sealed, op_id)? {
+        return Ok(Some(amount));
+    }
+    match &state.previous {
+        Some(previous) => counter::extra_lookup(&previous.doc, id, &state.joined(id)?, op_id),
+        None => Ok(None),
     }
 }
 
@@ -1069,7 +1564,7 @@ mod tests {
         let mut r = replicas();
         let doc = production();
         r[0].increment(&doc, "op-1", i64::MAX - 1, 1).unwrap();
-        let heads = r[0].docs[&doc].doc.get_heads();
+        let heads = r[0].docs[&doc].cur.doc.get_heads();
         assert!(matches!(r[0].increment(&doc, "x", 0, 1), Err(Error::ZeroAmount)));
         assert!(matches!(r[0].increment(&doc, "", 1, 1), Err(Error::MissingOpId)));
         assert!(matches!(
@@ -1093,7 +1588,7 @@ mod tests {
             r[0].receive_sync_message(&doc, "b", b"\x42junk"),
             Err(Error::Malformed { .. })
         ));
-        assert_eq!(r[0].docs[&doc].doc.get_heads(), heads);
+        assert_eq!(r[0].docs[&doc].cur.doc.get_heads(), heads);
         assert_eq!(value(&r[0]).value, i64::MAX - 1);
         assert_eq!(r[0].log().len(), 1);
     }
@@ -1130,8 +1625,8 @@ mod tests {
         r[0].increment(&doc, "op-2", 10, 2).unwrap();
         let c3 = r[0].increment(&doc, "op-3", 100, 3).unwrap().changes.unwrap();
         let mut batch = ChangeBatch::new();
-        batch.extend(&c1);
-        batch.extend(&c3);
+        assert!(batch.extend(&c1));
+        assert!(batch.extend(&c3));
         let outcome = r[1].apply_changes(&doc, batch.as_bytes()).unwrap();
         assert_eq!((outcome.applied, outcome.pending), (1, 1));
         assert!(r[1].increment(&doc, "op-b", 1_000, 4).unwrap().applied);

@@ -3,38 +3,67 @@
 //! Layout (integers little-endian):
 //!
 //! ```text
-//! magic: 8 bytes "KEELCRDT" | format: u16 = 1 | covers_position: u64 | doc_count: u32
-//! doc_count x (id_len: u16 | id (UTF-8 "kind:name") | doc_len: u32 | automerge save bytes)
+//! magic: 8 bytes "KEELCRDT" | format: u16 = 2 | covers_position: u64 | doc_count: u32
+//! doc_count x (id_len: u16 | id (UTF-8 "kind:name") | part_count: u8
+//!              part_count x (role: u8 | epoch: u64 | doc_len: u32 | automerge save bytes))
 //! crc32: u32 over every byte before it
 //! ```
+//!
+//! A document is saved in up to three parts, one per epoch document it holds:
+//! role 0 the current epoch, 1 the previous one (kept until every member
+//! joined the current one), 2 the next one (changes received before its
+//! genesis). Format 1 had one part per document, no role and no epoch:
+//! `id_len | id | doc_len | bytes`, read as the current document of epoch 0.
 
 use crate::batch::take_u32;
 use crate::doc_id::DocId;
 use crate::error::Error;
 
 const MAGIC: &[u8; 8] = b"KEELCRDT";
-const FORMAT: u16 = 1;
+const FORMAT: u16 = 2;
+const FORMAT_LEGACY: u16 = 1;
+
+/// Which epoch document of a document a part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Current = 0,
+    Previous = 1,
+    Next = 2,
+}
+
+/// One saved epoch document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Part {
+    pub(crate) role: Role,
+    pub(crate) epoch: u64,
+    pub(crate) bytes: Vec<u8>,
+}
 
 /// A decoded snapshot.
 pub(crate) struct Decoded {
     pub(crate) covers_position: u64,
-    pub(crate) docs: Vec<(DocId, Vec<u8>)>,
+    pub(crate) docs: Vec<(DocId, Vec<Part>)>,
 }
 
-pub(crate) fn encode(covers_position: u64, docs: &[(DocId, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn encode(covers_position: u64, docs: &[(DocId, Vec<Part>)]) -> Vec<u8> {
     let mut bytes = Vec::new();
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT.to_le_bytes());
     bytes.extend_from_slice(&covers_position.to_le_bytes());
     bytes.extend_from_slice(&(docs.len() as u32).to_le_bytes());
-    for (id, doc) in docs {
+    for (id, parts) in docs {
         let id = id.to_string();
         // Ids are bounded by DOC_NAME_BYTES_MAX; documents by memory, far
-        // below 4 GiB.
+        // below 4 GiB; at most three parts.
         bytes.extend_from_slice(&(id.len() as u16).to_le_bytes());
         bytes.extend_from_slice(id.as_bytes());
-        bytes.extend_from_slice(&(doc.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(doc);
+        bytes.push(parts.len() as u8);
+        for part in parts {
+            bytes.push(part.role as u8);
+            bytes.extend_from_slice(&part.epoch.to_le_bytes());
+            bytes.extend_from_slice(&(part.bytes.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&part.bytes);
+        }
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
@@ -53,7 +82,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     let rest = body.strip_prefix(MAGIC).ok_or_else(|| malformed("bad magic"))?;
     let (format, rest) =
         rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated format"))?;
-    if u16::from_le_bytes(*format) != FORMAT {
+    let format = u16::from_le_bytes(*format);
+    if format != FORMAT && format != FORMAT_LEGACY {
         return Err(malformed("unknown format"));
     }
     let (position, rest) =
@@ -70,13 +100,31 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
         let (id, after) = after.split_at(id_len);
         let id: DocId =
             std::str::from_utf8(id).map_err(|_| malformed("id is not UTF-8"))?.parse()?;
-        let (doc_len, after) = take_u32(after).ok_or_else(|| malformed("truncated doc length"))?;
-        let doc_len = doc_len as usize;
-        if after.len() < doc_len {
-            return Err(malformed("truncated doc"));
-        }
-        let (doc, after) = after.split_at(doc_len);
-        docs.push((id, doc.to_vec()));
+        let (parts, after) = if format == FORMAT_LEGACY {
+            let (doc, after) = take_doc(after)?;
+            (vec![Part { role: Role::Current, epoch: 0, bytes: doc }], after)
+        } else {
+            let (count, mut after) =
+                after.split_first().ok_or_else(|| malformed("truncated part count"))?;
+            let mut parts = Vec::new();
+            for _ in 0..*count {
+                let (role, rest) =
+                    after.split_first().ok_or_else(|| malformed("truncated role"))?;
+                let role = match role {
+                    0 => Role::Current,
+                    1 => Role::Previous,
+                    2 => Role::Next,
+                    _ => return Err(malformed("unknown role")),
+                };
+                let (epoch, rest) =
+                    rest.split_first_chunk::<8>().ok_or_else(|| malformed("truncated epoch"))?;
+                let (doc, rest) = take_doc(rest)?;
+                parts.push(Part { role, epoch: u64::from_le_bytes(*epoch), bytes: doc });
+                after = rest;
+            }
+            (parts, after)
+        };
+        docs.push((id, parts));
         rest = after;
     }
     if !rest.is_empty() {
@@ -85,13 +133,27 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     Ok(Decoded { covers_position: u64::from_le_bytes(*position), docs })
 }
 
+fn take_doc(bytes: &[u8]) -> Result<(Vec<u8>, &[u8]), Error> {
+    let (doc_len, after) = take_u32(bytes).ok_or_else(|| malformed("truncated doc length"))?;
+    let doc_len = doc_len as usize;
+    if after.len() < doc_len {
+        return Err(malformed("truncated doc"));
+    }
+    let (doc, after) = after.split_at(doc_len);
+    Ok((doc.to_vec(), after))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn snapshots_round_trip_and_detect_corruption() {
-        let docs = vec![(DocId::counter("a").unwrap(), vec![1, 2, 3])];
+        let parts = vec![
+            Part { role: Role::Current, epoch: 3, bytes: vec![1, 2, 3] },
+            Part { role: Role::Previous, epoch: 2, bytes: vec![4] },
+        ];
+        let docs = vec![(DocId::counter("a").unwrap(), parts)];
         let mut bytes = encode(42, &docs);
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.covers_position, 42);

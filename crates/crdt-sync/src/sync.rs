@@ -353,14 +353,18 @@ async fn publish_loop<L: OpLog>(
         let mut pending: BTreeMap<DocId, Vec<(ChangeBatch, u64)>> = BTreeMap::new();
         let mut add = |item: Outgoing| {
             let batches = pending.entry(item.doc).or_default();
-            match batches.last_mut() {
+            let merged = match batches.last_mut() {
                 Some((batch, _))
                     if batch.as_bytes().len() + item.changes.as_bytes().len()
                         <= PUBLISH_BYTES_MAX =>
                 {
-                    batch.extend(&item.changes);
+                    // Batches of two epochs are published apart.
+                    batch.extend(&item.changes)
                 }
-                _ => batches.push((item.changes, item.origin_ms)),
+                _ => false,
+            };
+            if !merged {
+                batches.push((item.changes, item.origin_ms));
             }
         };
         add(first);
@@ -448,12 +452,14 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
         by_doc.entry(item.doc.clone()).or_default().push(item);
     }
     let mut replica = lock(shared);
+    let entered = replica.epochs_entered();
     for (doc, items) in by_doc {
         let mut combined = ChangeBatch::new();
         let mut framed = true;
         for item in &items {
             match ChangeBatch::from_bytes(&item.payload) {
-                Ok(batch) => combined.extend(&batch),
+                // Batches of two epochs (around an epoch change) go one by one.
+                Ok(batch) => framed &= combined.extend(&batch),
                 Err(_) => framed = false,
             }
         }
@@ -473,6 +479,20 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
                 record_lag(shared, now.saturating_sub(origin_ms));
             }
         }
+    }
+    after_remote(shared, &mut replica, entered);
+}
+
+/// Publishes what the replica wrote by itself while applying remote changes (its join of
+/// a new epoch) and, when it entered an epoch, starts an anti-entropy round: a genesis
+/// too large for one message travels in sync message parts.
+fn after_remote<L: OpLog>(shared: &Shared<L>, replica: &mut Replica<L>, entered_before: u64) {
+    let now = now_ms();
+    for (doc, changes) in replica.take_outgoing() {
+        enqueue(shared, doc, changes, now);
+    }
+    if replica.epochs_entered() != entered_before {
+        shared.round.notify_one();
     }
 }
 
@@ -520,7 +540,8 @@ async fn answer_sync<L: OpLog>(
         };
         let reply = {
             let mut replica = lock(&shared);
-            match replica.receive_sync_message(&doc, &from, &payload) {
+            let entered = replica.epochs_entered();
+            let reply = match replica.receive_sync_message(&doc, &from, &payload) {
                 Ok(_) => {
                     shared.counters.sync_received.fetch_add(1, Ordering::Relaxed);
                     replica.sync_message(&doc, &from)
@@ -529,7 +550,9 @@ async fn answer_sync<L: OpLog>(
                     shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
                     None
                 }
-            }
+            };
+            after_remote(&shared, &mut replica, entered);
+            reply
         };
         if let Some(reply) = reply {
             send_sync(&shared, &client, &doc, &from, reply).await;
@@ -680,8 +703,15 @@ async fn periodic<L: OpLog>(
                 for peer in &peers {
                     replica.reset_peer(peer);
                     for doc in replica.docs() {
-                        if let Some(message) = replica.sync_message(&doc, peer) {
-                            messages.push((doc, peer.clone(), message));
+                        // One opening message per epoch document (a counter changing
+                        // epochs holds up to three).
+                        for _ in 0..3 {
+                            match replica.sync_message(&doc, peer) {
+                                Some(message) => {
+                                    messages.push((doc.clone(), peer.clone(), message))
+                                }
+                                None => break,
+                            }
                         }
                     }
                 }
@@ -692,11 +722,20 @@ async fn periodic<L: OpLog>(
             }
         } else {
             let now = now_ms();
-            let out = lock(&shared).tick(now);
+            let (out, entered) = {
+                let mut replica = lock(&shared);
+                let before = replica.epochs_entered();
+                let out = replica.tick(now);
+                (out, replica.epochs_entered() != before)
+            };
             if let Ok(out) = out {
                 for (doc, changes) in out {
                     enqueue(&shared, doc, changes, now);
                 }
+            }
+            if entered {
+                // The genesis may be too large for one message; sync sends it in parts.
+                shared.round.notify_one();
             }
         }
     }

@@ -176,7 +176,9 @@ async fn main() -> anyhow::Result<()> {
         for url in &urls {
             let body = debug(&http, url, false).await;
             per_replica.push(body["lag_ms"].clone());
-            sync.push(json!({"changes": body["changes"], "sync": body["sync"]}));
+            sync.push(json!({
+                "changes": body["changes"], "epoch": body["epoch"], "sync": body["sync"],
+            }));
         }
         report["lag"] = json!({
             "rate_per_s": offered_per_s, "acknowledged": ok, "replicas": per_replica,
@@ -234,6 +236,8 @@ async fn main() -> anyhow::Result<()> {
                 "disk_bytes": body["disk_bytes"],
                 "rss_bytes": rss_bytes(pid),
                 "automerge_ops": body["automerge_ops"],
+                "changes": body["changes"],
+                "epoch": body["epoch"],
             });
             eprintln!("{point}");
             curve.push(point);

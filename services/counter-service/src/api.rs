@@ -92,6 +92,7 @@ pub fn crdt_error(err: CrdtError) -> ApiError {
         CrdtError::IndexOutOfRange { .. } => {
             ApiError::bad_request("index_out_of_range", err.to_string())
         }
+        CrdtError::Syncing { .. } => ApiError::unavailable("syncing", err.to_string()),
         other => ApiError::internal(other),
     }
 }
@@ -237,6 +238,8 @@ async fn debug_sync(
             "automerge_ops": metrics.automerge_ops,
             "remote_changes": metrics.remote_changes,
             "folded_ops": metrics.folded_ops,
+            "epoch": metrics.epoch,
+            "epochs_entered": metrics.epochs_entered,
             "disk_bytes": engine.disk_bytes(),
         });
         if with_docs {

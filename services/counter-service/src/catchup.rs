@@ -92,7 +92,8 @@ async fn apply(engine: &Arc<Engine>, chunk: Vec<(DocId, Vec<u8>)>) {
             let mut framed = true;
             for payload in &payloads {
                 match crdt_sync::ChangeBatch::from_bytes(payload) {
-                    Ok(batch) => combined.extend(&batch),
+                    // Batches of two epochs (around an epoch change) go one by one.
+                    Ok(batch) => framed &= combined.extend(&batch),
                     Err(_) => framed = false,
                 }
             }

@@ -78,6 +78,8 @@ pub struct EngineConfig {
     pub sync: SyncConfig,
     /// Op records between snapshots.
     pub snapshot_every_records: u64,
+    /// See `crdt_sync::ReplicaConfig::epoch_changes_min`.
+    pub epoch_changes_min: u64,
 }
 
 /// The node's replica and everything around it. Shared behind an `Arc`.
@@ -146,8 +148,11 @@ impl Engine {
             SnapshotOptions { compact: false, ..SnapshotOptions::default() },
         )?;
         let members: Vec<&str> = config.members.iter().map(String::as_str).collect();
-        let replica_config =
-            ReplicaConfig { incarnation, ..ReplicaConfig::new(&config.node_id, &members) };
+        let replica_config = ReplicaConfig {
+            incarnation,
+            epoch_changes_min: config.epoch_changes_min,
+            ..ReplicaConfig::new(&config.node_id, &members)
+        };
         let (replica, snapshot_position) = recover_replica(&replica_config, &log, &snapshots)?;
         let report = RecoveryReport {
             snapshot_position,
@@ -382,7 +387,9 @@ impl Engine {
                 let outcome = replica.increment(doc, &item.op_id, item.amount, now);
                 outcomes.push(outcome.map(|update| {
                     if let Some(batch) = &update.changes {
-                        changes.extend(batch);
+                        // One update writes to one epoch.
+                        let merged = changes.extend(batch);
+                        debug_assert!(merged, "increments of one batch share an epoch");
                     }
                     (update.value, update.applied)
                 }));

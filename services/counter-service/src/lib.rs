@@ -55,6 +55,12 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_EVERY_RECORDS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every_records: u64,
+
+    /// Changes a counter's epoch document holds before the coordinator (the lowest member
+    /// id) rebases it onto a fresh epoch, which bounds its history.
+    #[arg(long, env = "EPOCH_CHANGES", default_value_t = crdt_sync::EPOCH_CHANGES_MIN_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub epoch_changes: u64,
 }
 
 impl Config {
@@ -95,6 +101,7 @@ impl Config {
                 ..SyncConfig::default()
             },
             snapshot_every_records: self.snapshot_every_records,
+            epoch_changes_min: self.epoch_changes,
         }
     }
 }
@@ -215,6 +222,7 @@ fn record_gauges(engine: &Engine, lag_seen: u64) -> u64 {
     metrics::gauge!("keel_counter_ops_live").set(live_ops as f64);
     metrics::gauge!("keel_crdt_docs").set(metrics.docs as f64);
     metrics::gauge!("keel_crdt_changes").set(metrics.changes as f64);
+    metrics::gauge!("keel_crdt_epoch").set(metrics.epoch as f64);
     metrics::gauge!("keel_crdt_automerge_ops").set(metrics.automerge_ops as f64);
     metrics::gauge!("keel_crdt_log_position").set(metrics.log_position as f64);
     metrics::gauge!("keel_counter_disk_bytes").set(engine.disk_bytes() as f64);

@@ -1,4 +1,4 @@
-//! Property test: random ops and random delivery, then one anti-entropy round: replicas equal the model.
+//! Property tests: random ops, random delivery, restarts, late members and counter epochs, then one anti-entropy round: replicas equal the model, and counters never go down.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,20 +16,58 @@ const MEMBERS: u8 = 4;
 
 #[derive(Debug, Clone)]
 enum Action {
-    Increment { node: usize, op: u8 },
-    SetRegister { node: usize, version: u8, value: u8 },
-    SetAdd { node: usize, member: u8 },
-    SetRemove { node: usize, member: u8 },
-    ListInsert { node: usize, position: usize, item: u8 },
-    Deliver { index: usize },
-    Duplicate { index: usize },
-    Drop { index: usize },
-    Partition { mask: u8 },
+    Increment {
+        node: usize,
+        op: u8,
+    },
+    SetRegister {
+        node: usize,
+        version: u8,
+        value: u8,
+    },
+    SetAdd {
+        node: usize,
+        member: u8,
+    },
+    SetRemove {
+        node: usize,
+        member: u8,
+    },
+    ListInsert {
+        node: usize,
+        position: usize,
+        item: u8,
+    },
+    Deliver {
+        index: usize,
+    },
+    Duplicate {
+        index: usize,
+    },
+    Drop {
+        index: usize,
+    },
+    Partition {
+        mask: u8,
+    },
     Heal,
-    Tick { node: usize },
-    AntiEntropy { a: usize, b: usize },
-    Checkpoint { node: usize },
-    Restart { node: usize },
+    Tick {
+        node: usize,
+    },
+    AntiEntropy {
+        a: usize,
+        b: usize,
+    },
+    Checkpoint {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    /// Down until its next restart (or the final settle).
+    Stop {
+        node: usize,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -50,14 +88,31 @@ fn action() -> impl Strategy<Value = Action> {
         2 => node.clone().prop_map(|node| Action::Tick { node }),
         1 => (node.clone(), node.clone()).prop_map(|(a, b)| Action::AntiEntropy { a, b }),
         1 => node.clone().prop_map(|node| Action::Checkpoint { node }),
-        2 => node.prop_map(|node| Action::Restart { node }),
+        2 => node.clone().prop_map(|node| Action::Restart { node }),
+        1 => node.prop_map(|node| Action::Stop { node }),
     ]
 }
 
+/// Epoch thresholds the cases draw from: often, now and then, never.
+fn epoch_changes_min() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(3u64), Just(12), Just(u64::MAX)]
+}
+
 /// The amount an op_id always carries: clients retry with the same body.
-fn amount(op: u8) -> i64 {
+fn amount(op: u8, increments_only: bool) -> i64 {
     let magnitude = i64::from(op % 5) + 1;
-    if op.is_multiple_of(3) { -magnitude } else { magnitude }
+    if op.is_multiple_of(3) && !increments_only { -magnitude } else { magnitude }
+}
+
+/// How a case runs.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    replica_count: usize,
+    epoch_changes_min: u64,
+    /// A member that is down from the start (joins late, at a restart or the final settle).
+    late: Option<usize>,
+    /// Positive amounts only, and every replica's counter is checked never to go down.
+    increments_only: bool,
 }
 
 #[derive(Default)]
@@ -105,22 +160,52 @@ fn docs() -> Docs {
     }
 }
 
-fn run(replica_count: usize, actions: &[Action]) -> Result<(), TestCaseError> {
+fn counter_at(net: &Network, node: usize, doc: &DocId) -> i64 {
+    net.replica(node).counter(doc).expect("read").map_or(0, |c| c.value)
+}
+
+fn run(setup: Setup, actions: &[Action]) -> Result<(), TestCaseError> {
     let docs = docs();
-    let mut net = Network::new(replica_count, crdt_sync::DEDUP_WINDOW_MS_DEFAULT);
+    let n = setup.replica_count;
+    let mut net =
+        Network::with_epochs(n, crdt_sync::DEDUP_WINDOW_MS_DEFAULT, setup.epoch_changes_min);
+    if let Some(late) = setup.late {
+        net.stop(late % n);
+    }
     let mut model = Model::default();
-    let n = replica_count;
+    let mut seen: Vec<i64> = vec![0; n];
+    let amount = |op: u8| amount(op, setup.increments_only);
     let mut now_ms = 0u64;
     for action in actions {
         now_ms += 1;
+        let acting = match &action {
+            Action::Increment { node, .. }
+            | Action::SetRegister { node, .. }
+            | Action::SetAdd { node, .. }
+            | Action::SetRemove { node, .. }
+            | Action::ListInsert { node, .. }
+            | Action::Tick { node }
+            | Action::Checkpoint { node } => Some(*node % n),
+            _ => None,
+        };
+        if acting.is_some_and(|node| !net.up(node)) {
+            continue;
+        }
         match action.clone() {
             Action::Increment { node, op } => {
                 let node = node % n;
                 let op_id = format!("op-{op}");
-                let update = net
-                    .replica_mut(node)
-                    .increment(&docs.counter, &op_id, amount(op), now_ms)
-                    .map_err(|e| TestCaseError::fail(format!("increment: {e}")))?;
+                let update = match net.replica_mut(node).increment(
+                    &docs.counter,
+                    &op_id,
+                    amount(op),
+                    now_ms,
+                ) {
+                    Ok(update) => update,
+                    // A late member that heard of a later epoch before its genesis.
+                    Err(Error::Syncing { .. }) => continue,
+                    Err(e) => return Err(TestCaseError::fail(format!("increment: {e}"))),
+                };
                 // The total an increment returns (carried across remote applies) is the
                 // one a full read sees.
                 let read = net.replica(node).counter(&docs.counter).expect("read").expect("exists");
@@ -198,6 +283,23 @@ fn run(replica_count: usize, actions: &[Action]) -> Result<(), TestCaseError> {
             Action::AntiEntropy { a, b } => net.anti_entropy(a % n, b % n),
             Action::Checkpoint { node } => net.checkpoint(node % n),
             Action::Restart { node } => net.restart(node % n),
+            Action::Stop { node } => net.stop(node % n),
+        }
+        if setup.increments_only {
+            for (node, seen) in seen.iter_mut().enumerate() {
+                if net.up(node) {
+                    let value = counter_at(&net, node, &docs.counter);
+                    prop_assert!(
+                        value >= *seen,
+                        "counter at node {} went down from {} to {} after {:?}",
+                        node,
+                        *seen,
+                        value,
+                        action
+                    );
+                    *seen = value;
+                }
+            }
         }
     }
 
@@ -267,9 +369,23 @@ proptest! {
     #[test]
     fn replicas_converge_to_the_model(
         replica_count in 3usize..=5,
+        epoch_changes_min in epoch_changes_min(),
+        late in proptest::option::weighted(0.25, 0usize..5),
         actions in proptest::collection::vec(action(), 1..80),
     ) {
-        run(replica_count, &actions)?;
+        let setup = Setup { replica_count, epoch_changes_min, late, increments_only: false };
+        run(setup, &actions)?;
+    }
+
+    #[test]
+    fn counters_never_go_down_across_epochs(
+        replica_count in 3usize..=5,
+        epoch_changes_min in epoch_changes_min(),
+        late in proptest::option::weighted(0.25, 0usize..5),
+        actions in proptest::collection::vec(action(), 1..80),
+    ) {
+        let setup = Setup { replica_count, epoch_changes_min, late, increments_only: true };
+        run(setup, &actions)?;
     }
 }
 
@@ -329,5 +445,138 @@ fn a_replica_restarted_after_acking_still_recognises_the_op_id() {
     for node in 0..3 {
         let counter = net.replica(node).counter(&docs.counter).unwrap().unwrap();
         assert_eq!(counter.value, 5);
+    }
+}
+
+/// Delivers everything in flight (nothing is lost while healed).
+fn deliver_all(net: &mut Network) {
+    while !net.in_flight.is_empty() {
+        net.deliver(0, false);
+    }
+}
+
+#[test]
+fn epochs_bound_the_history_and_keep_every_op_id() {
+    let docs = docs();
+    let mut net = Network::with_epochs(3, crdt_sync::DEDUP_WINDOW_MS_DEFAULT, 50);
+    let mut most_changes = 0;
+    for i in 0..2_000u64 {
+        let node = (i % 3) as usize;
+        let update =
+            net.replica_mut(node).increment(&docs.counter, &format!("op-{i}"), 1, i).unwrap();
+        net.publish(node, &docs.counter, update.changes.unwrap().as_bytes());
+        if i % 10 == 0 {
+            deliver_all(&mut net);
+            for node in 0..3 {
+                net.tick(node, i);
+            }
+            deliver_all(&mut net);
+        }
+        most_changes = most_changes.max(net.replica(0).metrics().changes);
+    }
+    net.settle(3_000);
+    for node in 0..3 {
+        let replica = net.replica(node);
+        let counter = replica.counter(&docs.counter).unwrap().unwrap();
+        assert_eq!(counter.value, 2_000, "node {node}");
+        assert_eq!(counter.tombstones, 2_000, "every op_id is remembered at node {node}");
+        assert!(replica.metrics().epoch >= 10, "epochs: {:?}", replica.metrics());
+    }
+    // Two epoch documents at most, each of about the threshold plus what arrives while
+    // every member joins: far below one change per increment.
+    assert!(most_changes < 400, "history held: {most_changes} changes");
+    for i in (0..2_000u64).step_by(97) {
+        for node in 0..3 {
+            let retry = net
+                .replica_mut(node)
+                .increment(&docs.counter, &format!("op-{i}"), 1, 5_000)
+                .unwrap();
+            assert!(!retry.applied, "op-{i} counted again at node {node}");
+        }
+    }
+}
+
+#[test]
+fn a_member_partitioned_across_an_epoch_change_carries_its_increments_over() {
+    let docs = docs();
+    let mut net = Network::with_epochs(3, crdt_sync::DEDUP_WINDOW_MS_DEFAULT, 5);
+    let increment = |net: &mut Network, node: usize, op: &str, now_ms: u64| {
+        if let Some(changes) =
+            net.replica_mut(node).increment(&docs.counter, op, 1, now_ms).unwrap().changes
+        {
+            net.publish(node, &docs.counter, changes.as_bytes());
+        }
+    };
+    for i in 0..6 {
+        increment(&mut net, i % 3, &format!("before-{i}"), 1);
+    }
+    deliver_all(&mut net);
+    // node-2 is cut off, then the coordinator starts an epoch without it.
+    net.sides = Some(vec![true, true, false]);
+    increment(&mut net, 2, "minority-1", 2);
+    increment(&mut net, 2, "both-sides", 2);
+    for node in 0..3 {
+        net.tick(node, 3);
+    }
+    deliver_all(&mut net);
+    assert_eq!(net.replica(0).epoch(&docs.counter), Some(1));
+    assert_eq!(net.replica(1).epoch(&docs.counter), Some(1));
+    assert_eq!(net.replica(2).epoch(&docs.counter), Some(0));
+    increment(&mut net, 1, "majority-1", 4);
+    increment(&mut net, 0, "both-sides", 4);
+    deliver_all(&mut net);
+    let before: Vec<i64> = (0..3).map(|node| counter_at(&net, node, &docs.counter)).collect();
+    assert_eq!(before, vec![8, 8, 8]);
+    // node-2 restarts while still cut off, then the partition heals.
+    net.restart(2);
+    net.sides = None;
+    net.anti_entropy(0, 2);
+    assert_eq!(net.replica(2).epoch(&docs.counter), Some(1), "node-2 joined the new epoch");
+    for (node, before) in before.iter().enumerate() {
+        assert!(counter_at(&net, node, &docs.counter) >= *before);
+    }
+    net.settle(10);
+    for node in 0..3 {
+        let counter = net.replica(node).counter(&docs.counter).unwrap().unwrap();
+        assert_eq!(counter.value, 9, "node {node}: {counter:?}");
+        assert_eq!(counter.live_ops, 0, "node {node}: {counter:?}");
+        for op in ["before-0", "minority-1", "both-sides", "majority-1"] {
+            assert!(!net.replica_mut(node).increment(&docs.counter, op, 1, 11).unwrap().applied);
+        }
+    }
+}
+
+#[test]
+fn a_member_that_starts_late_joins_the_current_epoch() {
+    let docs = docs();
+    let mut net = Network::with_epochs(3, crdt_sync::DEDUP_WINDOW_MS_DEFAULT, 5);
+    net.stop(2);
+    for i in 0..30u64 {
+        let node = (i % 2) as usize;
+        let update =
+            net.replica_mut(node).increment(&docs.counter, &format!("op-{i}"), 1, i).unwrap();
+        net.publish(node, &docs.counter, update.changes.unwrap().as_bytes());
+        deliver_all(&mut net);
+        net.tick(0, i);
+        net.tick(1, i);
+        deliver_all(&mut net);
+    }
+    // Epoch 0 is everyone's from the start, so epoch 1 begins without node-2, but epoch 2
+    // waits for it to join epoch 1.
+    assert_eq!(net.replica(0).epoch(&docs.counter), Some(1));
+    net.restart(2);
+    let update = net.replica_mut(2).increment(&docs.counter, "late-1", 1, 40);
+    assert!(update.is_ok(), "a member without the document starts it: {update:?}");
+    net.publish(2, &docs.counter, update.unwrap().changes.unwrap().as_bytes());
+    net.settle(100);
+    for i in 0..20u64 {
+        for node in 0..3 {
+            net.tick(node, 100 + i);
+        }
+        deliver_all(&mut net);
+    }
+    assert!(net.replica(2).epoch(&docs.counter).unwrap() >= 2, "node-2 joined and epochs went on");
+    for node in 0..3 {
+        assert_eq!(counter_at(&net, node, &docs.counter), 31, "node {node}");
     }
 }

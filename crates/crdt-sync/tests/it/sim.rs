@@ -1,4 +1,4 @@
-//! A seeded, in-memory network of replicas: drop, duplicate, reorder, partition, heal, restart.
+//! A seeded, in-memory network of replicas: drop, duplicate, reorder, partition, heal, restart, late start.
 
 use std::collections::BTreeSet;
 
@@ -13,12 +13,13 @@ pub struct Message {
     pub bytes: Vec<u8>,
 }
 
-/// One node: its replica (None while down), its durable snapshot, its
-/// incarnation.
+/// One node: its replica, its durable snapshot, its incarnation, and whether it runs
+/// (a node that is down hears nothing and does nothing until it is restarted).
 pub struct Node {
     pub replica: Replica<MemOpLog>,
     pub snapshot: Option<Vec<u8>>,
     pub incarnation: u64,
+    pub up: bool,
 }
 
 pub struct Network {
@@ -28,20 +29,49 @@ pub struct Network {
     /// Side of each node while partitioned (`None`: healed).
     pub sides: Option<Vec<bool>>,
     pub dedup_window_ms: u64,
+    /// See `ReplicaConfig::epoch_changes_min`.
+    pub epoch_changes_min: u64,
 }
 
 impl Network {
+    /// Epochs off.
     pub fn new(count: usize, dedup_window_ms: u64) -> Network {
+        Network::with_epochs(count, dedup_window_ms, u64::MAX)
+    }
+
+    /// The coordinator starts a counter epoch every `epoch_changes_min` changes.
+    pub fn with_epochs(count: usize, dedup_window_ms: u64, epoch_changes_min: u64) -> Network {
         let names: Vec<String> = (0..count).map(|i| format!("node-{i}")).collect();
         let nodes = (0..count)
             .map(|i| Node {
-                replica: Replica::new(config(&names, i, 0, dedup_window_ms), MemOpLog::new())
-                    .expect("valid config"),
+                replica: Replica::new(
+                    config(&names, i, 0, dedup_window_ms, epoch_changes_min),
+                    MemOpLog::new(),
+                )
+                .expect("valid config"),
                 snapshot: None,
                 incarnation: 0,
+                up: true,
             })
             .collect();
-        Network { names, nodes, in_flight: Vec::new(), sides: None, dedup_window_ms }
+        Network {
+            names,
+            nodes,
+            in_flight: Vec::new(),
+            sides: None,
+            dedup_window_ms,
+            epoch_changes_min,
+        }
+    }
+
+    pub fn up(&self, i: usize) -> bool {
+        self.nodes[i].up
+    }
+
+    /// Takes node `i` down (it keeps its log and snapshot; [`Network::restart`] brings it
+    /// back). A node down from the start is a member that joins late.
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].up = false;
     }
 
     pub fn len(&self) -> usize {
@@ -57,6 +87,9 @@ impl Network {
     }
 
     pub fn connected(&self, a: usize, b: usize) -> bool {
+        if !self.nodes[a].up || !self.nodes[b].up {
+            return false;
+        }
         match &self.sides {
             None => true,
             Some(sides) => sides[a] == sides[b],
@@ -88,6 +121,14 @@ impl Network {
             .replica
             .apply_changes(&message.doc, &message.bytes)
             .expect("a published batch applies");
+        self.publish_outgoing(message.to);
+    }
+
+    /// Publishes what replica `i` wrote by itself (epoch joins).
+    fn publish_outgoing(&mut self, i: usize) {
+        for (doc, batch) in self.nodes[i].replica.take_outgoing() {
+            self.publish(i, &doc, batch.as_bytes());
+        }
     }
 
     pub fn drop_message(&mut self, index: usize) {
@@ -98,6 +139,9 @@ impl Network {
     }
 
     pub fn tick(&mut self, i: usize, now_ms: u64) {
+        if !self.nodes[i].up {
+            return;
+        }
         let out = self.nodes[i].replica.tick(now_ms).expect("tick");
         for (doc, batch) in out {
             self.publish(i, &doc, batch.as_bytes());
@@ -141,6 +185,8 @@ impl Network {
             }
             assert!(settled, "anti-entropy {a}<->{b} on {doc} did not settle");
         }
+        self.publish_outgoing(a);
+        self.publish_outgoing(b);
     }
 
     /// Durable checkpoint: snapshot, then truncate the log it covers.
@@ -157,21 +203,23 @@ impl Network {
     /// the crash: everything it held was durable (in its snapshot or its log).
     pub fn restart(&mut self, i: usize) {
         let before = observed(&self.nodes[i].replica);
+        let dbg_doc = DocId::counter("production").unwrap();
+        let dbg_before = self.nodes[i].replica.epoch_summary(&dbg_doc);
+        let (dedup_window_ms, epoch_changes_min) = (self.dedup_window_ms, self.epoch_changes_min);
         let node = &mut self.nodes[i];
         node.incarnation += 1;
-        let fresh = Replica::new(
-            config(&self.names, i, node.incarnation, self.dedup_window_ms),
-            MemOpLog::new(),
-        )
-        .expect("valid config");
+        node.up = true;
+        let config = config(&self.names, i, node.incarnation, dedup_window_ms, epoch_changes_min);
+        let fresh = Replica::new(config.clone(), MemOpLog::new()).expect("valid config");
         let log = std::mem::replace(&mut node.replica, fresh).into_log();
-        node.replica = Replica::recover(
-            config(&self.names, i, node.incarnation, self.dedup_window_ms),
-            log,
-            node.snapshot.as_deref(),
-        )
-        .expect("recovery");
-        assert_eq!(observed(&node.replica), before, "node {i} changed in its restart");
+        node.replica = Replica::recover(config, log, node.snapshot.as_deref()).expect("recovery");
+        assert_eq!(
+            observed(&node.replica),
+            before,
+            "node {i} changed in its restart\nbefore {dbg_before}\nafter  {}",
+            node.replica.epoch_summary(&dbg_doc)
+        );
+        self.publish_outgoing(i);
         let name = self.names[i].clone();
         for (j, other) in self.nodes.iter_mut().enumerate() {
             if j != i {
@@ -184,6 +232,11 @@ impl Network {
     /// have spread.
     pub fn settle(&mut self, now_ms: u64) {
         self.sides = None;
+        for i in 0..self.len() {
+            if !self.nodes[i].up {
+                self.restart(i);
+            }
+        }
         for _round in 0..4 {
             for i in 0..self.len() {
                 self.tick(i, now_ms);
@@ -207,6 +260,8 @@ fn observed(replica: &Replica<MemOpLog>) -> Vec<String> {
         .filter_map(|doc| {
             let value = match doc.kind() {
                 DocKind::Counter => match replica.counter(&doc) {
+                    // A counter that waits for its epoch's genesis reads as absent.
+                    Ok(None) => return None,
                     Ok(Some(v)) if v.value == 0 && v.live_ops == 0 && v.replicas.is_empty() => {
                         return None;
                     }
@@ -231,7 +286,18 @@ fn observed(replica: &Replica<MemOpLog>) -> Vec<String> {
         .collect()
 }
 
-fn config(names: &[String], i: usize, incarnation: u64, dedup_window_ms: u64) -> ReplicaConfig {
+fn config(
+    names: &[String],
+    i: usize,
+    incarnation: u64,
+    dedup_window_ms: u64,
+    epoch_changes_min: u64,
+) -> ReplicaConfig {
     let members: Vec<&str> = names.iter().map(String::as_str).collect();
-    ReplicaConfig { incarnation, dedup_window_ms, ..ReplicaConfig::new(&names[i], &members) }
+    ReplicaConfig {
+        incarnation,
+        dedup_window_ms,
+        epoch_changes_min,
+        ..ReplicaConfig::new(&names[i], &members)
+    }
 }
