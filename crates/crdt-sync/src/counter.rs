@@ -2,6 +2,18 @@
 //!
 //! Layout of a counter document (all maps created by genesis):
 //!
+//! - `shards`: `Uint(OP_SHARDS)` (layout 2). `ops` and every tombstone bucket are
+//!   then maps of [`OP_SHARDS`] child maps, keyed by two hex digits of an FNV-1a hash
+//!   of the op_id, and an op_id's key lives in its shard (below, `ops[op_id]` means
+//!   `ops[shard(op_id)][op_id]`). automerge applies a remote change to a map by walking
+//!   the map's ops, deleted ones too, up to the keys it writes; a flat map of every
+//!   op_id of an epoch made each remote apply a pass over the epoch (2.3 ms p50 per
+//!   batch at 1,000 increments/s, 0.57 ms with shards). Epoch 0 (the deterministic
+//!   genesis, unchanged so that logs and peers of earlier versions still agree on it)
+//!   and epochs built by earlier versions are flat; every genesis built now is sharded,
+//!   and the coordinator rebases a flat epoch after at most
+//!   [`crate::replica::FLAT_EPOCH_CHANGES_MAX`] changes. An earlier version cannot read
+//!   a sharded epoch: upgrade every member before the coordinator (the lowest id).
 //! - `ops`: `op_id -> Int(amount)`, the *live* increments. Two replicas that
 //!   accept the same op_id both write this key; the entries conflict in
 //!   automerge and the counter counts the key once, with the amount of its
@@ -59,9 +71,105 @@ pub struct CounterValue {
     pub tombstones: usize,
 }
 
+/// Child maps of `ops` and of every tombstone bucket in a sharded counter (layout 2).
+/// automerge applies a remote change to a map by walking the map's ops (deleted ones
+/// too) up to the keys it writes, so one flat map of every op_id of an epoch made each
+/// remote apply cost a pass over the epoch; a shard holds 1/64 of it.
+pub(crate) const OP_SHARDS: u64 = 64;
+/// Root key of a sharded counter: `Uint(OP_SHARDS)`. Counters without it (created before
+/// layout 2) keep one flat `ops` map and flat tombstone buckets until their next epoch.
+pub(crate) const SHARDS_KEY: &str = "shards";
+
+/// Whether counter document `doc` has the sharded layout (layout 2).
+pub(crate) fn is_sharded<R: ReadDoc>(doc: &R) -> bool {
+    matches!(doc.get(automerge::ROOT, SHARDS_KEY), Ok(Some(_)))
+}
+
+/// The shard key of `op_id`: two hex digits.
+fn shard_key(op_id: &str) -> String {
+    format!("{:02x}", op_hash(op_id) % OP_SHARDS)
+}
+
+/// A map of op_id keys: one map (layout 1) or [`OP_SHARDS`] child maps keyed by
+/// [`shard_key`] (layout 2).
+#[derive(Debug, Clone)]
+pub(crate) struct OpMap {
+    obj: ObjId,
+    sharded: bool,
+}
+
+impl OpMap {
+    /// Creates an op map at `parent[key]`.
+    pub(crate) fn create<T: Transactable>(
+        tx: &mut T,
+        parent: &ObjId,
+        key: &str,
+        sharded: bool,
+    ) -> Result<OpMap, Error> {
+        let obj = tx.put_object(parent, key, ObjType::Map)?;
+        if sharded {
+            for shard in 0..OP_SHARDS {
+                tx.put_object(&obj, format!("{shard:02x}").as_str(), ObjType::Map)?;
+            }
+        }
+        Ok(OpMap { obj, sharded })
+    }
+
+    /// The map holding `op_id`.
+    fn part<R: ReadDoc>(&self, doc: &R, id: &DocId, op_id: &str) -> Result<ObjId, Error> {
+        if !self.sharded {
+            return Ok(self.obj.clone());
+        }
+        let key = shard_key(op_id);
+        match doc.get(&self.obj, key.as_str())? {
+            Some((Value::Object(_), part)) => Ok(part),
+            _ => Err(corrupt(id, format!("shard {key} is missing"))),
+        }
+    }
+
+    /// Every map of it.
+    fn parts<R: ReadDoc>(&self, doc: &R) -> Result<Vec<ObjId>, Error> {
+        if !self.sharded {
+            return Ok(vec![self.obj.clone()]);
+        }
+        let mut parts = Vec::with_capacity(OP_SHARDS as usize);
+        for key in doc.keys(&self.obj) {
+            if let Some((Value::Object(_), part)) = doc.get(&self.obj, key.as_str())? {
+                parts.push(part);
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Every op_id in it.
+    fn keys<R: ReadDoc>(&self, doc: &R) -> Result<Vec<String>, Error> {
+        let mut keys = Vec::new();
+        for part in self.parts(doc)? {
+            keys.extend(doc.keys(&part));
+        }
+        Ok(keys)
+    }
+
+    /// How many op_ids it holds.
+    fn len<R: ReadDoc>(&self, doc: &R) -> Result<usize, Error> {
+        Ok(self.parts(doc)?.iter().map(|part| doc.length(part)).sum())
+    }
+
+    /// The amount stored for `op_id`.
+    fn get<R: ReadDoc>(&self, doc: &R, id: &DocId, op_id: &str) -> Result<Option<i64>, Error> {
+        match doc.get(&self.part(doc, id, op_id)?, op_id)? {
+            Some((value, _)) => {
+                Ok(Some(value.as_i64().ok_or_else(|| corrupt(id, format!("tombstone {op_id:?}")))?))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 /// The counter document's root objects.
 pub(crate) struct Objs {
-    ops: ObjId,
+    ops: OpMap,
+    sharded: bool,
     acks: ObjId,
     folded: ObjId,
     tomb: ObjId,
@@ -79,8 +187,10 @@ impl Objs {
                 _ => None,
             })
         };
+        let sharded = doc.get(automerge::ROOT, SHARDS_KEY)?.is_some();
         Ok(Objs {
-            ops: root_object(doc, id, "ops")?,
+            ops: OpMap { obj: root_object(doc, id, "ops")?, sharded },
+            sharded,
             acks: root_object(doc, id, "acks")?,
             folded: root_object(doc, id, "folded")?,
             tomb: root_object(doc, id, "tomb")?,
@@ -279,7 +389,7 @@ fn corrupt(id: &DocId, reason: String) -> Error {
 /// All conflicting writes of `op_id` in `ops`, canonical first.
 fn entries<R: ReadDoc>(doc: &R, id: &DocId, objs: &Objs, op_id: &str) -> Result<Vec<Entry>, Error> {
     let mut entries = Vec::new();
-    for (value, exid) in doc.get_all(&objs.ops, op_id)? {
+    for (value, exid) in doc.get_all(&objs.ops.part(doc, id, op_id)?, op_id)? {
         let amount = match &value {
             Value::Scalar(scalar) => match scalar.as_ref() {
                 ScalarValue::Int(amount) => *amount,
@@ -354,7 +464,7 @@ fn read_exact<R: ReadDoc>(
         }
     }
     let mut live_ops = 0;
-    for op_id in doc.keys(&objs.ops) {
+    for op_id in objs.ops.keys(doc)? {
         let entries = entries(doc, id, &objs, &op_id)?;
         if let Some(canonical) = entries.first() {
             live_ops += 1;
@@ -363,8 +473,8 @@ fn read_exact<R: ReadDoc>(
     }
     let mut tombstones = 0;
     for bucket_key in doc.keys(&objs.tomb) {
-        if let Some((Value::Object(_), bucket)) = doc.get(&objs.tomb, bucket_key.as_str())? {
-            tombstones += doc.length(&bucket);
+        if let Some(bucket) = tomb_bucket(doc, &objs, &bucket_key)? {
+            tombstones += bucket.len(doc)?;
         }
     }
     tombstones += sealed.count(doc, &objs);
@@ -430,15 +540,21 @@ pub(crate) fn lookup<R: ReadDoc>(
         return Ok(Some(canonical.amount));
     }
     for bucket_key in doc.keys(&objs.tomb) {
-        if let Some((Value::Object(_), bucket)) = doc.get(&objs.tomb, bucket_key.as_str())?
-            && let Some((value, _)) = doc.get(&bucket, op_id)?
+        if let Some(bucket) = tomb_bucket(doc, &objs, &bucket_key)?
+            && let Some(amount) = bucket.get(doc, id, op_id)?
         {
-            let amount =
-                value.as_i64().ok_or_else(|| corrupt(id, format!("tombstone {op_id:?}")))?;
             return Ok(Some(amount));
         }
     }
     sealed.lookup(doc, id, &objs, op_id)
+}
+
+/// The tombstone bucket `tomb[bucket_key]`.
+fn tomb_bucket<R: ReadDoc>(doc: &R, objs: &Objs, bucket_key: &str) -> Result<Option<OpMap>, Error> {
+    Ok(match doc.get(&objs.tomb, bucket_key)? {
+        Some((Value::Object(_), obj)) => Some(OpMap { obj, sharded: objs.sharded }),
+        _ => None,
+    })
 }
 
 /// Writes a fresh increment; the caller checked [`lookup`] first.
@@ -449,7 +565,8 @@ pub(crate) fn write_increment<T: Transactable>(
     amount: i64,
 ) -> Result<(), Error> {
     let objs = Objs::load(tx, id)?;
-    tx.put(&objs.ops, op_id, ScalarValue::Int(amount))?;
+    let part = objs.ops.part(tx, id, op_id)?;
+    tx.put(&part, op_id, ScalarValue::Int(amount))?;
     Ok(())
 }
 
@@ -493,7 +610,7 @@ pub(crate) fn plan_maintenance<R: ReadDoc>(
     // What this replica has seen, per writing actor.
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut live = Vec::new();
-    for op_id in doc.keys(&objs.ops) {
+    for op_id in objs.ops.keys(doc)? {
         let entries = entries(doc, id, &objs, &op_id)?;
         for entry in &entries {
             let seen_counter = seen.entry(actor_label(&entry.actor)).or_default();
@@ -580,13 +697,15 @@ pub(crate) fn apply_maintenance<T: Transactable>(
     }
     if !plan.folds.is_empty() {
         let bucket_key = bucket_key(node, now_ms, tombstone_bucket_ms);
-        let bucket = match tx.get(&objs.tomb, bucket_key.as_str())? {
-            Some((Value::Object(_), bucket)) => bucket,
-            _ => tx.put_object(&objs.tomb, bucket_key.as_str(), ObjType::Map)?,
+        let bucket = match tomb_bucket(tx, &objs, &bucket_key)? {
+            Some(bucket) => bucket,
+            None => OpMap::create(tx, &objs.tomb, &bucket_key, objs.sharded)?,
         };
         for (op_id, amount) in &plan.folds {
-            tx.delete(&objs.ops, op_id.as_str())?;
-            tx.put(&bucket, op_id.as_str(), ScalarValue::Int(*amount))?;
+            let live = objs.ops.part(tx, id, op_id)?;
+            tx.delete(&live, op_id.as_str())?;
+            let tomb = bucket.part(tx, id, op_id)?;
+            tx.put(&tomb, op_id.as_str(), ScalarValue::Int(*amount))?;
         }
         if plan.fold_total != 0 {
             match tx.get(&objs.folded, node)? {
@@ -643,7 +762,7 @@ pub(crate) fn extra(
 ) -> Result<Extra, Error> {
     let objs = Objs::load(previous, id)?;
     let mut extra = Extra::new();
-    for op_id in previous.keys(&objs.ops) {
+    for op_id in objs.ops.keys(previous)? {
         let entries = entries(previous, id, &objs, &op_id)?;
         let Some(unjoined) = entries.iter().find(|entry| !joined.contains(&folder_of(entry)))
         else {
@@ -680,7 +799,7 @@ pub(crate) fn plan_join(
 ) -> Result<Vec<(String, i64)>, Error> {
     let objs = Objs::load(previous, id)?;
     let mut carried = Vec::new();
-    for op_id in previous.keys(&objs.ops) {
+    for op_id in objs.ops.keys(previous)? {
         let entries = entries(previous, id, &objs, &op_id)?;
         let Some(own) = entries.iter().find(|entry| actor_node(&entry.actor) == Some(node)) else {
             continue;
@@ -702,7 +821,8 @@ pub(crate) fn write_join<T: Transactable>(
     let objs = Objs::load(tx, id)?;
     let joined = objs.joined.ok_or_else(|| corrupt(id, "an epoch without members".into()))?;
     for (op_id, amount) in carried {
-        tx.put(&objs.ops, op_id.as_str(), ScalarValue::Int(*amount))?;
+        let part = objs.ops.part(tx, id, op_id)?;
+        tx.put(&part, op_id.as_str(), ScalarValue::Int(*amount))?;
     }
     tx.put(&joined, node, true)?;
     Ok(())
@@ -735,19 +855,16 @@ pub(crate) fn build_genesis(
     // sealed blobs it inherited are merged with it one bucket at a time, as bytes.
     let mut recent: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for bucket in doc.keys(&objs.tomb) {
-        if let Some((Value::Object(_), obj)) = doc.get(&objs.tomb, bucket.as_str())? {
+        if let Some(tombs) = tomb_bucket(doc, &objs, &bucket)? {
             let entries = recent.entry(bucket.clone()).or_default();
-            for op_id in doc.keys(&obj) {
-                if let Some((value, _)) = doc.get(&obj, op_id.as_str())? {
-                    let amount = value
-                        .as_i64()
-                        .ok_or_else(|| corrupt(id, format!("tombstone {op_id:?}")))?;
+            for op_id in tombs.keys(doc)? {
+                if let Some(amount) = tombs.get(doc, id, &op_id)? {
                     entries.insert(op_id, amount);
                 }
             }
         }
     }
-    for op_id in doc.keys(&objs.ops) {
+    for op_id in objs.ops.keys(doc)? {
         if let Some(canonical) = entries(doc, id, &objs, &op_id)?.first() {
             let bucket = bucket_key(&folder_of(canonical), now_ms, tombstone_bucket_ms);
             recent.entry(bucket).or_default().insert(op_id, canonical.amount);
@@ -769,7 +886,10 @@ pub(crate) fn build_genesis(
     let root = automerge::ROOT;
     tx.put(root.clone(), "kind", DocKind::Counter.as_str())?;
     tx.put(root.clone(), "epoch", ScalarValue::Uint(epoch))?;
-    for key in ["ops", "acks", "tomb"] {
+    // Every new epoch is sharded, whatever the layout of the one it rebases.
+    tx.put(root.clone(), SHARDS_KEY, ScalarValue::Uint(OP_SHARDS))?;
+    OpMap::create(&mut tx, &root, "ops", true)?;
+    for key in ["acks", "tomb"] {
         tx.put_object(root.clone(), key, ObjType::Map)?;
     }
     let folded = tx.put_object(root.clone(), "folded", ObjType::Map)?;

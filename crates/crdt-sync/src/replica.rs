@@ -48,6 +48,11 @@ pub const SYNC_MESSAGES_PER_ROUND_MAX: u32 = 16;
 /// Default number of changes a counter's epoch document holds before the coordinator
 /// starts the next epoch (see [`ReplicaConfig::epoch_changes_min`]).
 pub const EPOCH_CHANGES_MIN_DEFAULT: u64 = 20_000;
+/// Changes a counter's epoch document holds before the coordinator rebases it while its
+/// layout is flat (epoch 0, or an epoch an older version built): the next epoch is
+/// sharded (see `counter::OP_SHARDS`), so a flat epoch is kept short. Ignored when
+/// [`ReplicaConfig::epoch_changes_min`] is `u64::MAX` (never rebase).
+pub const FLAT_EPOCH_CHANGES_MAX: u64 = 1_000;
 /// Changes the replica wrote by itself while applying remote ones (joins of a new epoch)
 /// kept for [`Replica::take_outgoing`]; beyond it the oldest go (anti-entropy delivers
 /// them).
@@ -650,7 +655,7 @@ impl<L: OpLog> Replica<L> {
             || !state.cur.ready()
             || !state.cur.doc.get_missing_deps(&[]).is_empty()
             || (state.cur.doc.get_heads().is_empty())
-            || changes_held(&state.cur.doc) < self.epoch_changes_min
+            || changes_held(&state.cur.doc) < self.epoch_threshold(&state.cur.doc)
             || !counter::all_joined(&state.cur.doc, id, &self.members)?
         {
             return Ok(None);
@@ -677,6 +682,15 @@ impl<L: OpLog> Replica<L> {
         self.metrics.epochs_entered += settle_epochs(state, id, &self.members)?;
         tracing::info!(doc = %id, epoch, "started a counter epoch");
         Ok(Some(record.changes))
+    }
+
+    /// Changes an epoch document holds before the coordinator rebases it.
+    fn epoch_threshold(&self, doc: &Automerge) -> u64 {
+        if self.epoch_changes_min == u64::MAX || counter::is_sharded(doc) {
+            self.epoch_changes_min
+        } else {
+            self.epoch_changes_min.min(FLAT_EPOCH_CHANGES_MAX)
+        }
     }
 
     /// Joins the current epoch of counter `id` if this replica has not yet: carries its
@@ -1541,6 +1555,46 @@ mod tests {
         shrunk.tick(20).unwrap();
         assert_eq!(value(&shrunk).live_ops, 0);
         assert_eq!(value(&shrunk).value, 1);
+    }
+
+    #[test]
+    fn a_flat_epoch_is_rebased_early_onto_a_sharded_one() {
+        let mut r = Replica::new(ReplicaConfig::new("a", &["a"]), MemOpLog::new()).unwrap();
+        let doc = production();
+        let is_sharded = |r: &Replica<MemOpLog>| counter::is_sharded(&r.docs[&doc].cur.doc);
+        r.increment(&doc, "op-0", 1, 0).unwrap();
+        assert!(!is_sharded(&r), "epoch 0 keeps the deterministic flat genesis");
+        let mut now_ms = 0;
+        for i in 1..FLAT_EPOCH_CHANGES_MAX {
+            r.increment(&doc, &format!("op-{i}"), 1, now_ms).unwrap();
+            if i % 100 == 0 {
+                now_ms += 100;
+                r.tick(now_ms).unwrap();
+            }
+        }
+        assert_eq!(r.epoch(&doc), Some(0), "not before {FLAT_EPOCH_CHANGES_MAX} changes");
+        for i in FLAT_EPOCH_CHANGES_MAX..FLAT_EPOCH_CHANGES_MAX + 200 {
+            r.increment(&doc, &format!("op-{i}"), 1, now_ms).unwrap();
+        }
+        now_ms += 100;
+        r.tick(now_ms).unwrap();
+        r.tick(now_ms + 100).unwrap();
+        assert_eq!(r.epoch(&doc), Some(1), "{FLAT_EPOCH_CHANGES_MAX} changes is far below 20,000");
+        assert!(is_sharded(&r));
+        // Sharded: increments, duplicates (live, folded, sealed) and folding still exact.
+        let total = FLAT_EPOCH_CHANGES_MAX as i64 + 200;
+        assert!(!r.increment(&doc, "op-7", 1, now_ms).unwrap().applied);
+        assert!(r.increment(&doc, "fresh", 5, now_ms).unwrap().applied);
+        assert!(!r.increment(&doc, "fresh", 5, now_ms).unwrap().applied);
+        r.tick(now_ms + 200).unwrap();
+        assert_eq!(value(&r).live_ops, 0);
+        assert_eq!(value(&r).tombstones as i64, total + 1);
+        assert!(!r.increment(&doc, "fresh", 5, now_ms + 300).unwrap().applied);
+        assert_eq!(value(&r).value, total + 5);
+        let config = ReplicaConfig { incarnation: 1, ..ReplicaConfig::new("a", &["a"]) };
+        let mut recovered = Replica::recover(config, std::mem::take(&mut r.log), None).unwrap();
+        assert_eq!(value(&recovered).value, total + 5);
+        assert!(!recovered.increment(&doc, "fresh", 5, now_ms + 400).unwrap().applied);
     }
 
     #[test]
