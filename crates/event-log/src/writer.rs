@@ -766,10 +766,12 @@ impl Writer {
     }
 
     /// Hands the durable, not yet indexed entries to the index thread (a non-durable redb
-    /// write, or a durable checkpoint); `wait` blocks until it is committed.
+    /// write, or a durable checkpoint); `wait` blocks until it is committed, and until every
+    /// job queued before it is (a checkpoint queued earlier without waiting must be durable
+    /// before a compaction removes the segments it covers).
     fn write_index(&mut self, durable: bool, wait: bool) -> Result<()> {
         if self.pending_index.is_empty() && (!durable || self.indexed == self.durable) {
-            return Ok(());
+            return if wait { self.index_barrier() } else { Ok(()) };
         }
         let options = &self.shared.options;
         let prune_ids_below_ms =
@@ -785,6 +787,7 @@ impl Writer {
             entries: std::mem::take(&mut self.pending_index),
             checkpoint: self.durable,
             durable,
+            barrier: false,
             prune_ids_below_ms,
             prune_streams_below,
             done,
@@ -802,6 +805,25 @@ impl Writer {
             Some(pending) => pending.wait(),
             None => Ok(()),
         }
+    }
+
+    /// Waits until the index thread has committed every job queued so far (it applies them in
+    /// order); fails if one of them failed.
+    fn index_barrier(&mut self) -> Result<()> {
+        let (done, pending) = crate::completion::pair();
+        let job = IndexJob {
+            entries: Vec::new(),
+            checkpoint: self.durable,
+            durable: false,
+            barrier: true,
+            prune_ids_below_ms: None,
+            prune_streams_below: None,
+            done: Some(done),
+        };
+        let tx = self.index_tx.as_ref().ok_or(Error::Closed)?;
+        tx.send(job)
+            .map_err(|_| Error::Index { op: "queue", message: "index thread gone".into() })?;
+        pending.wait()
     }
 
     fn housekeeping(&mut self) {
@@ -992,6 +1014,8 @@ struct IndexJob {
     entries: Vec<IndexEntry>,
     checkpoint: Checkpoint,
     durable: bool,
+    /// Writes nothing: completes once every job before it is done.
+    barrier: bool,
     prune_ids_below_ms: Option<u64>,
     prune_streams_below: Option<u64>,
     done: Option<Completer<()>>,
@@ -1003,6 +1027,12 @@ fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
         let failed = shared.index_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let result = match failed {
             Some(message) => Err(Error::Index { op: "write", message }),
+            None if job.barrier => {
+                if let Some(done) = job.done {
+                    done.complete(Ok(()));
+                }
+                continue;
+            }
             None => index::write_batch(
                 &shared.db,
                 &job.entries,
