@@ -232,15 +232,24 @@ fn merge(runs: Vec<Run>) -> Run {
     out
 }
 
+/// A bijective 64-bit mix (splitmix64's finalizer): random-looking, distinct for distinct `n`.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 fn request(n: u64, stream: &str) -> AppendRequest {
-    let mut id = [0u8; 16];
-    // UUIDv7-shaped ids (time-ordered keys in the dedup index).
+    // A UUIDv7 as `Uuid::now_v7` makes it: the time in milliseconds, then 74 bits that look
+    // random (they decide how well the dedup index packs), distinct for distinct `n`.
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
         as u64;
+    let random = mix(n);
+    let mut id = [0u8; 16];
     id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    id[6] = 0x70;
-    id[8] = 0x80;
-    id[9..].copy_from_slice(&n.to_be_bytes()[1..]);
+    id[6..8].copy_from_slice(&(0x7000 | (mix(random) & 0x0FFF) as u16).to_be_bytes());
+    id[8..].copy_from_slice(&random.to_be_bytes());
+    id[8] = 0x80 | (id[8] & 0x3F);
     AppendRequest::new(stream, id, "sample", vec![0x42u8; PAYLOAD_BYTES])
 }
 

@@ -87,6 +87,7 @@ pub(crate) struct Counters {
     pub segments_zero_filled: AtomicU64,
     pub segments_reused: AtomicU64,
     pub segments_recycled: AtomicU64,
+    pub dedup_chunks: AtomicU64,
 }
 
 /// What the writer has done since the log was opened.
@@ -107,6 +108,9 @@ pub struct Stats {
     pub segments_reused: u64,
     /// Compacted segments kept as the next segment's file instead of being removed.
     pub segments_recycled: u64,
+    /// Chunks of UUIDv7 ids the dedup index held after its last write (at most
+    /// [`crate::DEDUP_WINDOW_MAX_CHUNKS`]).
+    pub dedup_chunks: u64,
 }
 
 impl Shared {
@@ -286,7 +290,7 @@ impl EventLog {
         let lock = lock_dir(vfs.as_ref(), &dir)?;
         let recovered = recover(vfs.as_ref(), &dir, &options)?;
         let (tx, rx) = mpsc::sync_channel(options.queue_depth);
-        let Recovered { db, segments, head, writer_init } = recovered;
+        let Recovered { db, dedup_chunks, segments, head, writer_init } = recovered;
         let head_position = head.position;
         let shared = Arc::new(Shared {
             vfs,
@@ -300,7 +304,7 @@ impl EventLog {
             indexed_position: AtomicU64::new(head_position),
             index_error: Mutex::new(None),
             append_notifier: Arc::new(Notifier::default()),
-            stats: Counters::default(),
+            stats: Counters { dedup_chunks: AtomicU64::new(dedup_chunks), ..Counters::default() },
             _lock: lock,
         });
         info!(
@@ -413,6 +417,7 @@ impl EventLog {
             segments_zero_filled: c.segments_zero_filled.load(Ordering::Relaxed),
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
             segments_recycled: c.segments_recycled.load(Ordering::Relaxed),
+            dedup_chunks: c.dedup_chunks.load(Ordering::Relaxed),
         }
     }
 
@@ -743,6 +748,8 @@ fn lock_dir(vfs: &dyn Vfs, dir: &Path) -> Result<Box<dyn std::any::Any + Send + 
 /// What recovery hands to the handle and the writer.
 struct Recovered {
     db: redb::Database,
+    /// Chunks of the dedup index (for [`Stats::dedup_chunks`]).
+    dedup_chunks: u64,
     segments: Vec<Arc<Segment>>,
     head: HeadState,
     writer_init: WriterInit,
@@ -964,15 +971,24 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         next_offset: cut_offset,
     };
     if !entries.is_empty() || changed {
-        index::write_batch(&db, &entries, &checkpoint, true, None, None)?;
+        index::write_batch(
+            &db,
+            &entries,
+            &checkpoint,
+            true,
+            crate::writer::now_ms(),
+            &index::Prune::NOTHING,
+        )?;
     }
     let mut streams = HashMap::new();
     let max_id_key;
+    let dedup_chunks;
     {
+        let ids = index::IdIndex::open(&db)?;
+        let last = ids.max_key()?;
+        dedup_chunks = ids.chunk_count()?;
         let txn = db.begin_read().map_err(index("begin read"))?;
-        let ids = txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?;
-        let last = ids.last().map_err(index("last id"))?.map(|(k, _)| k.value());
-        // Pruned ids are gone from the table, so also count what the tail scan saw.
+        // Pruned ids are gone from the index, so also count what the tail scan saw.
         max_id_key = last
             .into_iter()
             .chain(entries.iter().map(|e| index::id_key(&e.event_id)))
@@ -1001,6 +1017,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     let active = segments.get(cut_idx).cloned();
     Ok(Recovered {
         db,
+        dedup_chunks,
         head,
         writer_init: WriterInit {
             active,

@@ -27,6 +27,27 @@ pub const DEFAULT_QUEUE_DEPTH: usize = 4096;
 pub const MAX_UNSYNCED_BYTES: u64 = 1024 * 1024;
 /// Default age of the idempotency window (by the UUIDv7 time in the event id).
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+/// Most UUIDv7 ids in one chunk of the dedup index (a lookup decodes one chunk).
+pub const ID_CHUNK_MAX_EVENTS: usize = 4096;
+/// Most bytes of one chunk of the dedup index: with redb's 24 bytes of leaf around it (page
+/// header, value length, the 16-byte key) a full chunk fills a 32 KiB page exactly, and
+/// larger than one 4 KiB page it never shares its leaf (redb rewrites a leaf's neighbours on
+/// an insert otherwise). About 12 bytes per random UUIDv7 id: about 2,700 ids a chunk.
+pub const ID_CHUNK_MAX_BYTES: usize = 32 * 1024 - 24;
+/// Widest span of UUIDv7 time in one chunk. A chunk is pruned once its newest id leaves the
+/// window, so an id may be remembered up to this much longer than `dedup_window`.
+pub const ID_CHUNK_SPAN_MS_MAX: u64 = 10_000;
+/// The count bound of the dedup window: most chunks kept. Beyond it the oldest chunks are
+/// dropped at the next index write, so at high rates the window is shorter than
+/// `dedup_window` (`Stats::dedup_chunks` shows how close the index is).
+pub const DEDUP_WINDOW_MAX_CHUNKS: u64 = 8192;
+/// Most UUIDv7 ids the chunks hold (about 22 million of random ids, at 12 bytes each).
+pub const DEDUP_WINDOW_MAX_EVENTS: u64 = DEDUP_WINDOW_MAX_CHUNKS * ID_CHUNK_MAX_EVENTS as u64;
+/// Most bytes of chunk values (256 MiB of redb pages).
+pub const DEDUP_WINDOW_MAX_BYTES: u64 = DEDUP_WINDOW_MAX_CHUNKS * 32 * 1024;
+/// A UUIDv7 id more than this ahead of the writer's clock is indexed on its own instead of in
+/// a chunk (a chunk of far-future ids would make every later id late, see `docs/FORMATS.md`).
+pub const DEDUP_ID_AHEAD_MS_MAX: u64 = 60_000;
 /// Default time between durable index checkpoints (bounds the log tail replayed on open).
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default events between durable index checkpoints.

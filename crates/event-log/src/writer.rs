@@ -11,14 +11,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redb::ReadableDatabase;
 use tracing::{error, warn};
 
 use crate::completion::Completer;
-use crate::error::{Error, Result, index, io};
+use crate::error::{Error, Result, io};
 use crate::index::{self, Checkpoint, IndexEntry, Locator};
 use crate::log::Shared;
-use crate::options::{AppendRequest, Appended, CompactReport, Durability, MAX_UNSYNCED_BYTES};
+use crate::options::{
+    AppendRequest, Appended, CompactReport, DEDUP_WINDOW_MAX_CHUNKS, Durability, MAX_UNSYNCED_BYTES,
+};
 use crate::record::{
     self, END_MARKER_BYTES, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES,
     SegmentHeader,
@@ -112,8 +113,8 @@ pub(crate) struct Writer {
     /// `recent_ids` for the index. An id above it that is not in `recent_ids` is new without an
     /// index read (time-ordered UUIDv7 ids mostly are, even from many interleaved writers).
     max_id_key: u128,
-    /// The dedup table, read once per group.
-    id_table: Option<redb::ReadOnlyTable<u128, u64>>,
+    /// The dedup index, read once per group.
+    id_index: Option<index::IdIndex>,
     index_tx: Option<SyncSender<IndexJob>>,
     index_thread: Option<JoinHandle<()>>,
     /// Written, not yet synced.
@@ -145,7 +146,7 @@ pub(crate) struct Writer {
     group_immediate: bool,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -194,7 +195,7 @@ impl Writer {
             recent_ids: HashMap::new(),
             recent_order: VecDeque::new(),
             max_id_key: init.max_id_key,
-            id_table: None,
+            id_index: None,
             index_tx: Some(index_tx),
             index_thread,
             unsynced: Vec::new(),
@@ -345,7 +346,7 @@ impl Writer {
                     };
                 }
             }
-            self.id_table = None;
+            self.id_index = None;
             self.commit_group();
             // Appends answered while staging (duplicates, conflicts) whose group did not sync.
             self.wake_waiters();
@@ -419,21 +420,25 @@ impl Writer {
         if index::id_key(id) > self.max_id_key {
             return Ok(None);
         }
-        if self.id_table.is_none() {
-            let txn = self.shared.db.begin_read().map_err(index("begin read"))?;
-            self.id_table =
-                Some(txn.open_table(index::EVENT_IDS).map_err(index("open event_ids"))?);
+        if self.id_index.is_none() {
+            self.id_index = Some(index::IdIndex::open(&self.shared.db)?);
         }
-        let table = self.id_table.as_ref().expect("opened above");
-        let Some(position) = table.get(index::id_key(id)).map_err(index("get id"))? else {
+        let ids = self.id_index.as_ref().expect("opened above");
+        let Some(position) = ids.get(index::id_key(id))? else {
             return Ok(None);
         };
-        let position = position.value();
         let events = self.shared.read_span(position, position)?;
         let event = events
             .into_iter()
             .next()
             .ok_or(Error::Corrupt { position, reason: "indexed event missing".into() })?;
+        // Paired with the index write: the event found is the one with this id.
+        if event.event_id != *id {
+            return Err(Error::Corrupt {
+                position,
+                reason: "the dedup index points to an event with another id".into(),
+            });
+        }
         Ok(Some(Appended { position, stream_version: event.stream_version, hash: event.hash }))
     }
 
@@ -774,9 +779,13 @@ impl Writer {
             return if wait { self.index_barrier() } else { Ok(()) };
         }
         let options = &self.shared.options;
-        let prune_ids_below_ms =
-            durable.then(|| now_ms().saturating_sub(options.dedup_window.as_millis() as u64));
-        let prune_streams_below = if durable { self.prune_streams_below.take() } else { None };
+        let now_ms = now_ms();
+        let prune = index::Prune {
+            ids_below_ms: durable
+                .then(|| now_ms.saturating_sub(options.dedup_window.as_millis() as u64)),
+            id_chunks_max: DEDUP_WINDOW_MAX_CHUNKS,
+            streams_below: if durable { self.prune_streams_below.take() } else { None },
+        };
         let (done, pending) = if wait {
             let (done, pending) = crate::completion::pair();
             (Some(done), Some(pending))
@@ -788,8 +797,8 @@ impl Writer {
             checkpoint: self.durable,
             durable,
             barrier: false,
-            prune_ids_below_ms,
-            prune_streams_below,
+            now_ms,
+            prune,
             done,
         };
         let tx = self.index_tx.as_ref().ok_or(Error::Closed)?;
@@ -816,8 +825,8 @@ impl Writer {
             checkpoint: self.durable,
             durable: false,
             barrier: true,
-            prune_ids_below_ms: None,
-            prune_streams_below: None,
+            now_ms: 0,
+            prune: index::Prune::NOTHING,
             done: Some(done),
         };
         let tx = self.index_tx.as_ref().ok_or(Error::Closed)?;
@@ -1016,8 +1025,9 @@ struct IndexJob {
     durable: bool,
     /// Writes nothing: completes once every job before it is done.
     barrier: bool,
-    prune_ids_below_ms: Option<u64>,
-    prune_streams_below: Option<u64>,
+    /// The writer's clock when it queued the job.
+    now_ms: u64,
+    prune: index::Prune,
     done: Option<Completer<()>>,
 }
 
@@ -1038,12 +1048,13 @@ fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
                 &job.entries,
                 &job.checkpoint,
                 job.durable,
-                job.prune_ids_below_ms,
-                job.prune_streams_below,
+                job.now_ms,
+                &job.prune,
             ),
         };
         match &result {
-            Ok(()) => {
+            Ok(id_chunks) => {
+                shared.stats.dedup_chunks.store(*id_chunks, Ordering::Relaxed);
                 {
                     let mut unindexed = shared.unindexed.lock().unwrap_or_else(|e| e.into_inner());
                     for entry in &job.entries {
@@ -1073,7 +1084,7 @@ fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
             }
         }
         if let Some(done) = job.done {
-            done.complete(result);
+            done.complete(result.map(|_| ()));
         }
     }
 }

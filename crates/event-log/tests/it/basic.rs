@@ -318,6 +318,66 @@ fn dedup_window_is_pruned_by_uuid_v7_time() {
 }
 
 #[test]
+fn uuid_v7_ids_dedup_from_their_chunks_also_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small index writes: the ids land in many chunks over many writes.
+    let options = Options { index_flush_events: 700, ..Options::default() };
+    let log = EventLog::open(dir.path(), options.clone()).unwrap();
+    let now_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 60;
+    // 12,000 ids, 4 per millisecond, their times a little out of order (many writers' clocks).
+    let v7 = |n: u64| {
+        let ms = n / 4 + (n * 7_919) % 5;
+        *uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            now_s + ms / 1_000,
+            (ms % 1_000) as u32 * 1_000_000,
+        ))
+        .as_bytes()
+    };
+    let requests: Vec<AppendRequest> = (0..12_000)
+        .map(|n| AppendRequest::new(format!("arm-{}", n % 7), v7(n), "k", vec![1]))
+        .collect();
+    let mut appended = Vec::new();
+    for batch in requests.chunks(200) {
+        appended.extend(log.append_batch(batch.to_vec()).unwrap());
+        if appended.len() % 2_000 == 0 {
+            log.checkpoint().unwrap();
+        }
+    }
+    log.checkpoint().unwrap();
+    assert!(log.stats().dedup_chunks >= 3, "{:?}", log.stats());
+    let head = log.head();
+    let check = |log: &EventLog, what: &str| {
+        for (request, original) in requests.iter().zip(&appended).step_by(97) {
+            assert_eq!(&log.append(request.clone()).unwrap(), original, "{what}");
+        }
+        let batch: Vec<AppendRequest> = requests.iter().skip(5).step_by(1_001).cloned().collect();
+        let expected: Vec<_> = appended.iter().skip(5).step_by(1_001).copied().collect();
+        assert_eq!(log.append_batch(batch).unwrap(), expected, "{what}: batch");
+        assert_eq!(log.head(), head, "{what}: a retry wrote something");
+    };
+    check(&log, "after checkpoints");
+    // A late id (older than every chunked one) is new, then deduplicated like the others.
+    let mut late_id = v7(0);
+    late_id[15] ^= 1;
+    let late = AppendRequest::new("arm-0", late_id, "k", vec![2]);
+    let late_appended = log.append(late.clone()).unwrap();
+    assert_eq!(late_appended.position, head.position + 1);
+    log.checkpoint().unwrap();
+    assert_eq!(log.append(late.clone()).unwrap(), late_appended);
+    log.close().unwrap();
+    drop(log);
+    let log = EventLog::open(dir.path(), options).unwrap();
+    let head = log.head();
+    for (request, original) in requests.iter().zip(&appended).step_by(89) {
+        assert_eq!(&log.append(request.clone()).unwrap(), original, "after reopen");
+    }
+    assert_eq!(log.append(late).unwrap(), late_appended);
+    assert_eq!(log.head(), head);
+}
+
+#[test]
 fn torn_tail_on_a_real_file_is_cut_and_zeroed() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
