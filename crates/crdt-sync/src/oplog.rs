@@ -2,7 +2,15 @@
 //!
 //! A replica appends every change that enters one of its documents (local
 //! operations, remote changes, changes received by anti-entropy) before it
-//! acknowledges or publishes anything that depends on it. Recovery is the
+//! acknowledges or publishes anything that depends on it. Its own changes
+//! are durable before they are answered or published ([`OpLog::append`]);
+//! changes from peers are appended without waiting
+//! ([`OpLog::append_unsynced`]): nothing is answered on them, the log is
+//! one sequence (a crash keeps a prefix of it), and every change the
+//! replica writes after them (an increment, the ack that lets a peer fold
+//! them) is appended later, so it is durable only if they are. A crash can
+//! lose remote changes that nothing durable depends on yet; the peers still
+//! hold them and anti-entropy brings them back. Recovery is the
 //! latest snapshot plus a replay of the records after the position the
 //! snapshot covers. Replaying a record twice is harmless: automerge
 //! recognises changes it already holds by their hash.
@@ -82,6 +90,19 @@ pub trait OpLog {
     /// last one. Positions start at 1 and grow by one per record.
     fn append(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError>;
 
+    /// Appends `records` in order like [`OpLog::append`], but may return before they
+    /// are durable: they become durable no later than the records of any later
+    /// `append` (or [`OpLog::sync`]). A crash may lose them, and then every record
+    /// appended after them too. The default waits, as `append` does.
+    fn append_unsynced(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
+        self.append(records)
+    }
+
+    /// Makes every record appended so far durable.
+    fn sync(&mut self) -> Result<(), OpLogError> {
+        Ok(())
+    }
+
     /// Calls `visit` with every record after `after_position`, in order.
     fn replay(
         &self,
@@ -105,6 +126,8 @@ pub trait OpLog {
 pub struct MemOpLog {
     records: Vec<(u64, Vec<u8>)>,
     last_position: u64,
+    /// Records up to here survive [`MemOpLog::crash`].
+    synced_position: u64,
     failing_appends: usize,
 }
 
@@ -117,6 +140,15 @@ impl MemOpLog {
     /// Makes the next `count` appends fail.
     pub fn fail_next_appends(&mut self, count: usize) {
         self.failing_appends = count;
+    }
+
+    /// A power cut: forgets the records appended by [`OpLog::append_unsynced`] since
+    /// the last `append` or `sync`. Returns how many were lost.
+    pub fn crash(&mut self) -> usize {
+        let before = self.records.len();
+        self.records.retain(|(position, _)| *position <= self.synced_position);
+        self.last_position = self.synced_position;
+        before - self.records.len()
     }
 
     /// Records held (after truncation).
@@ -137,6 +169,12 @@ impl MemOpLog {
 
 impl OpLog for MemOpLog {
     fn append(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
+        self.append_unsynced(records)?;
+        self.synced_position = self.last_position;
+        Ok(self.last_position)
+    }
+
+    fn append_unsynced(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
         if self.failing_appends > 0 {
             self.failing_appends -= 1;
             return Err(OpLogError::Storage("injected append failure".to_owned()));
@@ -146,6 +184,11 @@ impl OpLog for MemOpLog {
             self.records.push((self.last_position, record.encode()));
         }
         Ok(self.last_position)
+    }
+
+    fn sync(&mut self) -> Result<(), OpLogError> {
+        self.synced_position = self.last_position;
+        Ok(())
     }
 
     fn replay(
@@ -210,10 +253,15 @@ pub mod conformance {
         assert_eq!(replayed(&log, 0), vec![(1, a.clone()), (2, b.clone()), (3, c.clone())]);
         assert_eq!(replayed(&log, 2), vec![(3, c.clone())]);
         log.truncate_through(1).expect("truncate");
-        assert_eq!(replayed(&log, 0), vec![(2, b), (3, c)]);
+        assert_eq!(replayed(&log, 0), vec![(2, b.clone()), (3, c.clone())]);
         assert_eq!(log.last_position(), 3);
         assert_eq!(log.append(std::slice::from_ref(&a)).expect("append"), 4);
-        assert_eq!(replayed(&log, 3), vec![(4, a)]);
+        assert_eq!(replayed(&log, 3), vec![(4, a.clone())]);
+        // Unsynced appends take the next positions and replay once synced.
+        assert_eq!(log.append_unsynced(std::slice::from_ref(&b)).expect("append"), 5);
+        assert_eq!(log.append_unsynced(&[c.clone(), a.clone()]).expect("append"), 7);
+        log.sync().expect("sync");
+        assert_eq!(replayed(&log, 4), vec![(5, b), (6, c), (7, a)]);
         assert!(new_log().last_position() == 0, "a new log starts empty");
     }
 }
@@ -245,6 +293,23 @@ mod tests {
         assert_eq!(decoded.changes.epoch(), 0);
         assert_eq!(decoded.changes.changes(), vec![&b"hi"[..]]);
         assert!(OpRecord::decode(&[1, 200, 0, b'x']).is_err());
+    }
+
+    #[test]
+    fn a_crash_loses_only_the_unsynced_tail() {
+        let mut log = MemOpLog::new();
+        log.append(&[record("a")]).unwrap();
+        log.append_unsynced(&[record("b")]).unwrap();
+        // A later append makes everything before it durable too.
+        log.append(&[record("c")]).unwrap();
+        log.append_unsynced(&[record("d"), record("e")]).unwrap();
+        assert_eq!(log.crash(), 2);
+        assert_eq!(log.last_position(), 3);
+        assert_eq!(log.crash(), 0);
+        assert_eq!(log.append_unsynced(&[record("f")]).unwrap(), 4);
+        log.sync().unwrap();
+        assert_eq!(log.crash(), 0);
+        assert_eq!(log.len(), 4);
     }
 
     #[test]

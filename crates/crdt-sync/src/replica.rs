@@ -1112,7 +1112,9 @@ impl<L: OpLog> Replica<L> {
     // ----- snapshots, compaction, metrics -----
 
     /// Every document, saved (automerge's compacted form), with the op log
-    /// position it covers.
+    /// position it covers. Records up to that position may not be durable yet
+    /// (see [`Replica::sync_log`]): make them durable before truncating the log
+    /// or trusting the position.
     pub fn snapshot(&self) -> Snapshot {
         let covers_position = self.log.last_position();
         let part = |role: Role, epoch_doc: &EpochDoc| Part {
@@ -1131,6 +1133,12 @@ impl<L: OpLog> Replica<L> {
             })
             .collect();
         Snapshot { bytes: snapshot::encode(covers_position, &docs), covers_position }
+    }
+
+    /// Makes every op log record appended so far durable (before a snapshot that covers
+    /// them is relied on: records of peers' changes are appended without waiting).
+    pub fn sync_log(&mut self) -> Result<(), Error> {
+        self.log.sync().map_err(Error::from)
     }
 
     /// Drops op log records covered by a snapshot the caller made durable.
@@ -1285,7 +1293,12 @@ impl<L: OpLog> Replica<L> {
             Ok(applied) => {
                 let count = applied.len();
                 let record = OpRecord { doc: id.clone(), changes: applied };
-                self.log.append(std::slice::from_ref(&record)).map(|_| count).map_err(Error::from)
+                // A peer's changes: nothing is answered on them, and whatever this
+                // replica writes that depends on them is appended (durably) after them.
+                self.log
+                    .append_unsynced(std::slice::from_ref(&record))
+                    .map(|_| count)
+                    .map_err(Error::from)
             }
         };
         match logged {

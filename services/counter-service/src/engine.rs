@@ -320,6 +320,9 @@ impl Engine {
         if snapshot.covers_position == 0 {
             return Ok(false);
         }
+        // Peers' changes are logged without waiting (crdt_sync::OpLog::append_unsynced):
+        // everything the snapshot covers is made durable before the log below it goes.
+        self.log.event_log().flush()?;
         let event = self.log.event_log().read(snapshot.covers_position)?.ok_or_else(|| {
             anyhow::anyhow!("position {} not in the log", snapshot.covers_position)
         })?;

@@ -5,8 +5,11 @@
 //! holds nothing else, positions are dense from 1, and a snapshot's
 //! `covers_position` is a position in this log.
 //!
-//! Two ways to append:
+//! Three ways to append:
 //!
+//! - **unsynced** ([`OpLog::append_unsynced`], peers' changes): queued with the
+//!   log's writer and not waited for; the writer group-commits it with what
+//!   comes next, and every later append is durable only once it is;
 //! - **immediate** (the default, what the `OpLog` contract asks): `append`
 //!   returns once its records are fdatasynced;
 //! - **deferred**, between [`EventOpLog::begin_deferred`] and
@@ -156,6 +159,33 @@ impl OpLog for EventOpLog {
         }
         let count = records.len() as u64;
         Ok(self.inner.last_position.fetch_add(count, Ordering::AcqRel) + count)
+    }
+
+    fn append_unsynced(&mut self, records: &[OpRecord]) -> Result<u64, OpLogError> {
+        if records.is_empty() {
+            return Ok(self.last_position());
+        }
+        let deferred = self.inner.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if deferred.is_some() {
+            // Inside a deferred batch its end waits for everything anyway.
+            drop(deferred);
+            return self.append(records);
+        }
+        // Queued with the writer, which group-commits it with whatever comes next; not
+        // waited for. A failed write fails every later append, and the increment
+        // batcher stops the process on that (see the module docs).
+        let mut requests = self.requests(records);
+        if requests.len() == 1 {
+            drop(self.log.append_async(requests.remove(0)));
+        } else {
+            drop(self.log.append_batch_async(requests));
+        }
+        let count = records.len() as u64;
+        Ok(self.inner.last_position.fetch_add(count, Ordering::AcqRel) + count)
+    }
+
+    fn sync(&mut self) -> Result<(), OpLogError> {
+        self.log.flush().map_err(storage)
     }
 
     fn replay(
