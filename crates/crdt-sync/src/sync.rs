@@ -57,6 +57,9 @@ pub const STREAM_MAX_AGE_MS_DEFAULT: u64 = 60 * 60 * 1000;
 /// Batches waiting for the publisher; beyond it, batches are dropped (and
 /// counted) and anti-entropy delivers them.
 pub const OUTBOX_CAPACITY: usize = 4_096;
+/// Publish cycles whose JetStream acks are awaited beside the publisher (which goes on
+/// coalescing and publishing meanwhile); beyond it the publisher waits.
+pub const ACK_CYCLES_IN_FLIGHT_MAX: usize = 64;
 /// Largest published message; a coalesced batch above it is split.
 pub const PUBLISH_BYTES_MAX: usize = 512 * 1024;
 /// Most peer batches applied together in one automerge apply.
@@ -342,12 +345,28 @@ fn enqueue<L: OpLog>(shared: &Shared<L>, doc: DocId, changes: ChangeBatch, origi
     }
 }
 
-async fn publish_loop<L: OpLog>(
+async fn publish_loop<L: OpLog + Send + 'static>(
     shared: Arc<Shared<L>>,
     context: jetstream::Context,
     mut outbox: mpsc::Receiver<Outgoing>,
     flush_interval: Duration,
 ) {
+    // Acks are counted by their own task: waiting for them here would hold every change
+    // queued meanwhile for a JetStream round trip.
+    let (ack_tx, mut ack_rx) =
+        mpsc::channel::<Vec<jetstream::context::PublishAckFuture>>(ACK_CYCLES_IN_FLIGHT_MAX);
+    let counting = shared.clone();
+    let acks_task = tokio::spawn(async move {
+        while let Some(acks) = ack_rx.recv().await {
+            for ack in acks {
+                let counter = match ack.await {
+                    Ok(_) => &counting.counters.batches_published,
+                    Err(_) => &counting.counters.batches_dropped,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
     while let Some(first) = outbox.recv().await {
         let deadline = tokio::time::Instant::now() + flush_interval;
         let mut pending: BTreeMap<DocId, Vec<(ChangeBatch, u64)>> = BTreeMap::new();
@@ -388,14 +407,12 @@ async fn publish_loop<L: OpLog>(
                 }
             }
         }
-        for ack in acks {
-            let counter = match ack.await {
-                Ok(_) => &shared.counters.batches_published,
-                Err(_) => &shared.counters.batches_dropped,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+        if ack_tx.send(acks).await.is_err() {
+            break;
         }
     }
+    drop(ack_tx);
+    let _ = acks_task.await;
 }
 
 /// A peer batch received from the stream.
