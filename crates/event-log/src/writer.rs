@@ -877,16 +877,30 @@ impl Writer {
 
     fn compact(&mut self, below: u64) -> Result<CompactReport> {
         self.sync()?;
-        self.write_index(true, true)?;
         let below = below.min(self.durable.position + 1);
-        let removed: Vec<Arc<Segment>> = {
-            let mut segments = self.shared.segments.write().unwrap_or_else(|e| e.into_inner());
+        // Whole segments below `below`, never the active one. Only this thread changes the list.
+        let removable = {
+            let segments = self.shared.segments.read().unwrap_or_else(|e| e.into_inner());
             let mut n = 0;
             while n + 1 < segments.len() && segments[n + 1].header.first_position <= below {
                 n += 1;
             }
-            segments.drain(..n).collect()
+            n
         };
+        if removable > 0 {
+            // The index must durably cover what goes: the log tail replayed on open will not
+            // hold it any more. With nothing to remove there is nothing to cover, and a durable
+            // index commit costs device bytes (services compact after every snapshot, far more
+            // often than a segment fills).
+            self.write_index(true, true)?;
+        }
+        let removed: Vec<Arc<Segment>> = self
+            .shared
+            .segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..removable)
+            .collect();
         let segments = self.shared.segments();
         let first = segments.first().map_or(1, |s| s.header.first_position);
         let anchor = segments.first().map_or(GENESIS_HASH, |s| s.header.prev_hash);
