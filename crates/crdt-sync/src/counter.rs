@@ -330,10 +330,10 @@ impl SealedIndex {
         &self,
         doc: &R,
         id: &DocId,
-        objs: &Objs,
+        sealed: Option<&ObjId>,
         op_id: &str,
     ) -> Result<Option<i64>, Error> {
-        let Some(sealed) = &objs.sealed else {
+        let Some(sealed) = sealed else {
             return Ok(None);
         };
         let hash = op_hash(op_id);
@@ -387,9 +387,9 @@ fn corrupt(id: &DocId, reason: String) -> Error {
 }
 
 /// All conflicting writes of `op_id` in `ops`, canonical first.
-fn entries<R: ReadDoc>(doc: &R, id: &DocId, objs: &Objs, op_id: &str) -> Result<Vec<Entry>, Error> {
+fn entries<R: ReadDoc>(doc: &R, id: &DocId, ops: &OpMap, op_id: &str) -> Result<Vec<Entry>, Error> {
     let mut entries = Vec::new();
-    for (value, exid) in doc.get_all(&objs.ops.part(doc, id, op_id)?, op_id)? {
+    for (value, exid) in doc.get_all(&ops.part(doc, id, op_id)?, op_id)? {
         let amount = match &value {
             Value::Scalar(scalar) => match scalar.as_ref() {
                 ScalarValue::Int(amount) => *amount,
@@ -465,7 +465,7 @@ fn read_exact<R: ReadDoc>(
     }
     let mut live_ops = 0;
     for op_id in objs.ops.keys(doc)? {
-        let entries = entries(doc, id, &objs, &op_id)?;
+        let entries = entries(doc, id, &objs.ops, &op_id)?;
         if let Some(canonical) = entries.first() {
             live_ops += 1;
             *replicas.entry(folder_of(canonical)).or_default() += i128::from(canonical.amount);
@@ -473,7 +473,7 @@ fn read_exact<R: ReadDoc>(
     }
     let mut tombstones = 0;
     for bucket_key in doc.keys(&objs.tomb) {
-        if let Some(bucket) = tomb_bucket(doc, &objs, &bucket_key)? {
+        if let Some(bucket) = tomb_bucket(doc, &objs.tomb, objs.sharded, &bucket_key)? {
             tombstones += bucket.len(doc)?;
         }
     }
@@ -517,7 +517,7 @@ pub(crate) fn contribution<R: ReadDoc>(
     let objs = Objs::load(doc, id)?;
     let mut sum: i128 = 0;
     for key in keys {
-        if let Some(canonical) = entries(doc, id, &objs, key)?.first() {
+        if let Some(canonical) = entries(doc, id, &objs.ops, key)?.first() {
             sum += i128::from(canonical.amount);
         }
         if let Some((value, _)) = doc.get(&objs.folded, key.as_str())? {
@@ -535,24 +535,36 @@ pub(crate) fn lookup<R: ReadDoc>(
     sealed: &SealedIndex,
     op_id: &str,
 ) -> Result<Option<i64>, Error> {
-    let objs = Objs::load(doc, id)?;
-    if let Some(canonical) = entries(doc, id, &objs, op_id)?.first() {
+    // The hot path of every increment: only the root objects it needs (each a map get).
+    let sharded = is_sharded(doc);
+    let ops = OpMap { obj: root_object(doc, id, "ops")?, sharded };
+    if let Some(canonical) = entries(doc, id, &ops, op_id)?.first() {
         return Ok(Some(canonical.amount));
     }
-    for bucket_key in doc.keys(&objs.tomb) {
-        if let Some(bucket) = tomb_bucket(doc, &objs, &bucket_key)?
+    let tomb = root_object(doc, id, "tomb")?;
+    for bucket_key in doc.keys(&tomb) {
+        if let Some(bucket) = tomb_bucket(doc, &tomb, sharded, &bucket_key)?
             && let Some(amount) = bucket.get(doc, id, op_id)?
         {
             return Ok(Some(amount));
         }
     }
-    sealed.lookup(doc, id, &objs, op_id)
+    let sealed_obj = match doc.get(automerge::ROOT, "sealed")? {
+        Some((Value::Object(_), obj)) => Some(obj),
+        _ => None,
+    };
+    sealed.lookup(doc, id, sealed_obj.as_ref(), op_id)
 }
 
 /// The tombstone bucket `tomb[bucket_key]`.
-fn tomb_bucket<R: ReadDoc>(doc: &R, objs: &Objs, bucket_key: &str) -> Result<Option<OpMap>, Error> {
-    Ok(match doc.get(&objs.tomb, bucket_key)? {
-        Some((Value::Object(_), obj)) => Some(OpMap { obj, sharded: objs.sharded }),
+fn tomb_bucket<R: ReadDoc>(
+    doc: &R,
+    tomb: &ObjId,
+    sharded: bool,
+    bucket_key: &str,
+) -> Result<Option<OpMap>, Error> {
+    Ok(match doc.get(tomb, bucket_key)? {
+        Some((Value::Object(_), obj)) => Some(OpMap { obj, sharded }),
         _ => None,
     })
 }
@@ -564,8 +576,8 @@ pub(crate) fn write_increment<T: Transactable>(
     op_id: &str,
     amount: i64,
 ) -> Result<(), Error> {
-    let objs = Objs::load(tx, id)?;
-    let part = objs.ops.part(tx, id, op_id)?;
+    let ops = OpMap { obj: root_object(tx, id, "ops")?, sharded: is_sharded(tx) };
+    let part = ops.part(tx, id, op_id)?;
     tx.put(&part, op_id, ScalarValue::Int(amount))?;
     Ok(())
 }
@@ -611,7 +623,7 @@ pub(crate) fn plan_maintenance<R: ReadDoc>(
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut live = Vec::new();
     for op_id in objs.ops.keys(doc)? {
-        let entries = entries(doc, id, &objs, &op_id)?;
+        let entries = entries(doc, id, &objs.ops, &op_id)?;
         for entry in &entries {
             let seen_counter = seen.entry(actor_label(&entry.actor)).or_default();
             *seen_counter = (*seen_counter).max(entry.counter);
@@ -697,14 +709,31 @@ pub(crate) fn apply_maintenance<T: Transactable>(
     }
     if !plan.folds.is_empty() {
         let bucket_key = bucket_key(node, now_ms, tombstone_bucket_ms);
-        let bucket = match tomb_bucket(tx, &objs, &bucket_key)? {
+        let bucket = match tomb_bucket(tx, &objs.tomb, objs.sharded, &bucket_key)? {
             Some(bucket) => bucket,
             None => OpMap::create(tx, &objs.tomb, &bucket_key, objs.sharded)?,
         };
+        // Each shard looked up once per round (a map get each).
+        let mut parts: BTreeMap<(bool, String), ObjId> = BTreeMap::new();
         for (op_id, amount) in &plan.folds {
-            let live = objs.ops.part(tx, id, op_id)?;
+            let shard = shard_key(op_id);
+            let live = match parts.get(&(false, shard.clone())) {
+                Some(part) => part.clone(),
+                None => {
+                    let part = objs.ops.part(tx, id, op_id)?;
+                    parts.insert((false, shard.clone()), part.clone());
+                    part
+                }
+            };
             tx.delete(&live, op_id.as_str())?;
-            let tomb = bucket.part(tx, id, op_id)?;
+            let tomb = match parts.get(&(true, shard.clone())) {
+                Some(part) => part.clone(),
+                None => {
+                    let part = bucket.part(tx, id, op_id)?;
+                    parts.insert((true, shard), part.clone());
+                    part
+                }
+            };
             tx.put(&tomb, op_id.as_str(), ScalarValue::Int(*amount))?;
         }
         if plan.fold_total != 0 {
@@ -763,7 +792,7 @@ pub(crate) fn extra(
     let objs = Objs::load(previous, id)?;
     let mut extra = Extra::new();
     for op_id in objs.ops.keys(previous)? {
-        let entries = entries(previous, id, &objs, &op_id)?;
+        let entries = entries(previous, id, &objs.ops, &op_id)?;
         let Some(unjoined) = entries.iter().find(|entry| !joined.contains(&folder_of(entry)))
         else {
             continue;
@@ -784,7 +813,7 @@ pub(crate) fn extra_lookup(
     op_id: &str,
 ) -> Result<Option<i64>, Error> {
     let objs = Objs::load(previous, id)?;
-    let entries = entries(previous, id, &objs, op_id)?;
+    let entries = entries(previous, id, &objs.ops, op_id)?;
     Ok(entries.iter().find(|entry| !joined.contains(&folder_of(entry))).map(|entry| entry.amount))
 }
 
@@ -800,7 +829,7 @@ pub(crate) fn plan_join(
     let objs = Objs::load(previous, id)?;
     let mut carried = Vec::new();
     for op_id in objs.ops.keys(previous)? {
-        let entries = entries(previous, id, &objs, &op_id)?;
+        let entries = entries(previous, id, &objs.ops, &op_id)?;
         let Some(own) = entries.iter().find(|entry| actor_node(&entry.actor) == Some(node)) else {
             continue;
         };
@@ -855,7 +884,7 @@ pub(crate) fn build_genesis(
     // sealed blobs it inherited are merged with it one bucket at a time, as bytes.
     let mut recent: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for bucket in doc.keys(&objs.tomb) {
-        if let Some(tombs) = tomb_bucket(doc, &objs, &bucket)? {
+        if let Some(tombs) = tomb_bucket(doc, &objs.tomb, objs.sharded, &bucket)? {
             let entries = recent.entry(bucket.clone()).or_default();
             for op_id in tombs.keys(doc)? {
                 if let Some(amount) = tombs.get(doc, id, &op_id)? {
@@ -865,7 +894,7 @@ pub(crate) fn build_genesis(
         }
     }
     for op_id in objs.ops.keys(doc)? {
-        if let Some(canonical) = entries(doc, id, &objs, &op_id)?.first() {
+        if let Some(canonical) = entries(doc, id, &objs.ops, &op_id)?.first() {
             let bucket = bucket_key(&folder_of(canonical), now_ms, tombstone_bucket_ms);
             recent.entry(bucket).or_default().insert(op_id, canonical.amount);
         }
