@@ -174,11 +174,17 @@ impl OpLog for EventOpLog {
         // Queued with the writer, which group-commits it with whatever comes next; not
         // waited for. A failed write fails every later append, and the increment
         // batcher stops the process on that (see the module docs).
+        // A request the log refuses at once (too large, log closed) is an error here as
+        // in `append`: the caller rolls the changes back, and positions stay dense.
         let mut requests = self.requests(records);
-        if requests.len() == 1 {
-            drop(self.log.append_async(requests.remove(0)));
+        let now = std::time::Instant::now();
+        let refused = if requests.len() == 1 {
+            self.log.append_async(requests.remove(0)).wait_until(now).ok().and_then(Result::err)
         } else {
-            drop(self.log.append_batch_async(requests));
+            self.log.append_batch_async(requests).wait_until(now).ok().and_then(Result::err)
+        };
+        if let Some(err) = refused {
+            return Err(storage(err));
         }
         let count = records.len() as u64;
         Ok(self.inner.last_position.fetch_add(count, Ordering::AcqRel) + count)
@@ -256,6 +262,35 @@ mod tests {
                 assert!(seen.insert(event_id(1_700_000_000_123, incarnation, sequence)));
             }
         }
+    }
+
+    #[test]
+    fn unsynced_appends_keep_positions_dense_and_refuse_what_the_log_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 1);
+        // A batch (layout in crdt-sync's batch.rs) of one opaque change of `bytes` bytes.
+        let record = |bytes: usize| {
+            let mut framed = vec![2u8];
+            framed.extend_from_slice(&0u64.to_le_bytes());
+            framed.extend_from_slice(&1u32.to_le_bytes());
+            framed.extend_from_slice(&(bytes as u32).to_le_bytes());
+            framed.extend(std::iter::repeat_n(7u8, bytes));
+            let changes = crdt_sync::ChangeBatch::from_bytes(&framed).unwrap();
+            OpRecord { doc: DocId::counter("production").unwrap(), changes }
+        };
+        assert_eq!(log.append_unsynced(&[record(10)]).unwrap(), 1);
+        let too_large = record(event_log::DEFAULT_MAX_PAYLOAD_BYTES + 1);
+        assert!(log.append_unsynced(std::slice::from_ref(&too_large)).is_err());
+        assert_eq!(log.last_position(), 1, "a refused record takes no position");
+        assert_eq!(log.append_unsynced(&[record(20), record(30)]).unwrap(), 3);
+        log.sync().unwrap();
+        let mut seen = Vec::new();
+        log.replay(0, &mut |position, record| {
+            seen.push((position, record.changes.as_bytes().len() - 17));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(1, 10), (2, 20), (3, 30)]);
     }
 
     #[test]
