@@ -604,6 +604,18 @@ impl Maintenance {
     pub(crate) fn folds(&self) -> usize {
         self.folds.len()
     }
+
+    /// Keeps the first `max` folds (each a prefix of the planned order, so its total fits
+    /// as the whole did); `true` if some were left for a later round.
+    pub(crate) fn truncate_folds(&mut self, max: usize) -> bool {
+        if self.folds.len() <= max {
+            return false;
+        }
+        self.folds.truncate(max);
+        let total: i128 = self.folds.iter().map(|(_, amount)| i128::from(*amount)).sum();
+        self.fold_total = i64::try_from(total).expect("every running total fits");
+        true
+    }
 }
 
 /// Plans `node`'s acks, folds and tombstone expiry. `members` are all
@@ -670,14 +682,15 @@ pub(crate) fn plan_maintenance<R: ReadDoc>(
             }
         }
         let next = fold_total + i128::from(canonical.amount);
-        if i64::try_from(folded_now + next).is_err() {
+        // Every running total fits, so a prefix of the folds (`truncate_folds`) does too.
+        if i64::try_from(folded_now + next).is_err() || i64::try_from(next).is_err() {
             // Leave it live; it is still counted, just not folded.
             continue;
         }
         fold_total = next;
         plan.folds.push((op_id, canonical.amount));
     }
-    plan.fold_total = i64::try_from(fold_total).unwrap_or(0);
+    plan.fold_total = i64::try_from(fold_total).expect("checked at every step");
 
     // This replica's tombstone buckets past the dedup window.
     let prefix = format!("{node}{KEY_SEPARATOR}");

@@ -213,6 +213,24 @@ struct PeerSync {
     sent_in_round: u32,
 }
 
+/// How [`Replica::local_change_as`] appends its record.
+#[derive(Debug, Clone, Copy)]
+enum Append {
+    /// Durable before it returns.
+    Synced,
+    /// Queued; durable with the next sync (or any later synced append).
+    Unsynced,
+}
+
+/// What one [`Replica::tick_step`] wrote.
+#[derive(Debug, Default)]
+pub struct TickStep {
+    /// Changes to publish.
+    pub changes: Vec<(DocId, ChangeBatch)>,
+    /// Entries are left to fold: call again.
+    pub more: bool,
+}
+
 /// Most queued changes a document tracks by itself (see `DocState::pending`).
 const PENDING_CHANGES_MAX: usize = 4_096;
 
@@ -596,7 +614,20 @@ impl<L: OpLog> Replica<L> {
     /// fold lag is about two periods plus the sync lag). Returns the changes
     /// to publish.
     pub fn tick(&mut self, now_ms: u64) -> Result<Vec<(DocId, ChangeBatch)>, Error> {
+        let changes = self.tick_step(now_ms, usize::MAX)?.changes;
+        self.sync_log()?;
+        Ok(changes)
+    }
+
+    /// One bounded step of [`Replica::tick`]: folds at most `folds_max` entries per counter
+    /// (automerge writes two ops per fold, so a backlog folded at once holds the replica's
+    /// lock for long); `more` says entries were left for the next step. A caller that holds
+    /// a lock around each step lets other work in between. Its maintenance records are
+    /// appended without waiting (`OpLog::append_unsynced`): call [`Replica::sync_log`]
+    /// before publishing what it returns (an ack must never outlive what it acks).
+    pub fn tick_step(&mut self, now_ms: u64, folds_max: usize) -> Result<TickStep, Error> {
         self.last_now_ms = self.last_now_ms.max(now_ms);
+        let mut more = false;
         let counters: Vec<DocId> =
             self.docs.keys().filter(|id| id.kind() == DocKind::Counter).cloned().collect();
         let bucket_ms = (self.dedup_window_ms / TOMBSTONE_BUCKETS_PER_WINDOW).max(1);
@@ -607,7 +638,7 @@ impl<L: OpLog> Replica<L> {
             }
             // A join that failed when the epoch arrived is retried here.
             self.join_epoch(&id)?;
-            let plan = {
+            let mut plan = {
                 let state = &self.docs[&id];
                 counter::plan_maintenance(
                     &state.cur.doc,
@@ -618,9 +649,11 @@ impl<L: OpLog> Replica<L> {
                     self.dedup_window_ms,
                 )?
             };
+            let left = plan.truncate_folds(folds_max);
+            more |= left;
             if !plan.is_empty() {
                 let node = self.node_id.clone();
-                let changes = self.local_change(&id, now_ms, |tx| {
+                let changes = self.local_change_as(&id, now_ms, Append::Unsynced, |tx| {
                     counter::apply_maintenance(tx, &id, &node, &plan, now_ms, bucket_ms)
                 })?;
                 self.metrics.folded_ops += plan.folds() as u64;
@@ -630,12 +663,12 @@ impl<L: OpLog> Replica<L> {
                     out.push((id.clone(), changes));
                 }
             }
-            if let Some(genesis) = self.start_epoch(&id, now_ms, bucket_ms)? {
+            if !left && let Some(genesis) = self.start_epoch(&id, now_ms, bucket_ms)? {
                 out.push((id, genesis));
             }
         }
         out.extend(self.take_outgoing());
-        Ok(out)
+        Ok(TickStep { changes: out, more })
     }
 
     /// As the coordinator (the lowest member id), starts the next epoch of counter `id`
@@ -1197,6 +1230,17 @@ impl<L: OpLog> Replica<L> {
         now_ms: u64,
         write: impl FnOnce(&mut Transaction<'_>) -> Result<(), Error>,
     ) -> Result<Option<ChangeBatch>, Error> {
+        self.local_change_as(id, now_ms, Append::Synced, write)
+    }
+
+    /// [`Replica::local_change`], its record appended as `append` says.
+    fn local_change_as(
+        &mut self,
+        id: &DocId,
+        now_ms: u64,
+        append: Append,
+        write: impl FnOnce(&mut Transaction<'_>) -> Result<(), Error>,
+    ) -> Result<Option<ChangeBatch>, Error> {
         self.last_now_ms = self.last_now_ms.max(now_ms);
         self.check_ready(id)?;
         let created = !self.docs.contains_key(id);
@@ -1226,7 +1270,11 @@ impl<L: OpLog> Replica<L> {
         let mut batch = ChangeBatch::for_epoch(state.cur.epoch);
         batch.push(&change.bytes());
         let record = OpRecord { doc: id.clone(), changes: batch };
-        if let Err(error) = self.log.append(std::slice::from_ref(&record)) {
+        let appended = match append {
+            Append::Synced => self.log.append(std::slice::from_ref(&record)),
+            Append::Unsynced => self.log.append_unsynced(std::slice::from_ref(&record)),
+        };
+        if let Err(error) = appended {
             if created {
                 self.docs.remove(id);
             } else {
@@ -1547,6 +1595,39 @@ mod tests {
         let retry = r[2].increment(&doc, "op-1", 5, 20).unwrap();
         assert!(!retry.applied);
         assert_eq!(retry.value, 3);
+    }
+
+    #[test]
+    fn tick_steps_fold_a_backlog_in_bounded_pieces_and_keep_the_value() {
+        let mut r = replicas();
+        let doc = production();
+        for i in 0..10 {
+            r[0].increment(&doc, &format!("op-{i}"), i + 1, 1).unwrap();
+        }
+        sync_all(&mut r);
+        for replica in r.iter_mut().skip(1) {
+            replica.tick(5).unwrap();
+        }
+        sync_all(&mut r);
+        // Every member acked: a's ten entries are stable, folded at most three per step.
+        let (mut steps, mut more) = (0, true);
+        while more {
+            let live_before = value(&r[0]).live_ops;
+            let step = r[0].tick_step(10, 3).unwrap();
+            r[0].sync_log().unwrap();
+            more = step.more;
+            steps += 1;
+            let v = value(&r[0]);
+            assert!(live_before - v.live_ops <= 3, "step {steps} folded too many: {v:?}");
+            assert_eq!(v.value, 55, "the value never changes while folding: {v:?}");
+            assert!(steps <= 4, "ten entries take four steps of three");
+        }
+        assert_eq!(steps, 4);
+        tick_and_sync(&mut r, 20);
+        for replica in &r {
+            let v = value(replica);
+            assert_eq!((v.value, v.live_ops, v.tombstones), (55, 0, 10), "{v:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! NATS transport for a `Replica`: coalesced change batches on JetStream, anti-entropy on core NATS, ticks.
 //!
 //! - Local changes are queued by [`SyncedReplica::update`] after they are
-//!   durable, coalesced per document for at most the flush interval
+//!   durable (or by [`SyncedReplica::update_deferred`], held until the caller
+//!   says they are), coalesced per document for at most the flush interval
 //!   (default [`FLUSH_INTERVAL_MS_DEFAULT`]) and published on JetStream
 //!   stream [`STREAM_NAME`], subject `edge.crdt.{doc}.changes.{node}`, with
 //!   the origin time in header [`ORIGIN_HEADER`].
@@ -29,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::batch::ChangeBatch;
@@ -66,6 +67,11 @@ pub const PUBLISH_BYTES_MAX: usize = 512 * 1024;
 pub const RECEIVE_BATCHES_MAX: usize = 1_024;
 /// Replication lag samples kept for percentiles.
 pub const LAG_SAMPLES_MAX: usize = 10_000;
+/// Most entries one tick step folds per counter (two automerge ops each, ~0.1 ms apiece on
+/// the development machine), so one step holds the replica lock for about a millisecond.
+pub const TICK_FOLDS_PER_STEP: usize = 16;
+/// Most steps of one tick; what is left waits for the next tick.
+pub const TICK_STEPS_MAX: usize = 256;
 /// Header of one part of a sync message too large for one NATS message: `{index}/{count}`.
 pub const SYNC_PART_HEADER: &str = "Keel-Sync-Part";
 /// Largest part of a sync message; larger messages (a replica that missed a long stretch
@@ -154,12 +160,49 @@ struct Shared<L: OpLog> {
     counters: Counters,
     lag_ms: Mutex<VecDeque<u64>>,
     round: Notify,
+    /// Sequence of the next queued batch. Batches are queued under the replica lock right
+    /// after their records are appended, so this order is the op log's order.
+    next_seq: AtomicU64,
+    /// Every queued batch with a sequence up to this one is durable (the log is durable in
+    /// order, so one durable batch proves every earlier one).
+    durable_seq: watch::Sender<u64>,
 }
 
 struct Outgoing {
     doc: DocId,
     changes: ChangeBatch,
     origin_ms: u64,
+    /// Published once `durable_seq` reaches it.
+    seq: u64,
+}
+
+/// The changes of one [`SyncedReplica::update_deferred`], queued for publishing in commit
+/// order but held until [`Publication::release`]: call it once they are durable. A later
+/// batch made durable releases them too (the log is durable in order). Dropped unreleased
+/// (the caller could not make them durable and must stop, since every later append
+/// fails), they are never published, and neither is anything after them.
+#[derive(Debug)]
+#[must_use = "held changes are published only once released"]
+pub struct Publication {
+    seq: Option<u64>,
+    durable_seq: watch::Sender<u64>,
+}
+
+impl Publication {
+    /// The changes are durable: publish them.
+    pub fn release(self) {
+        if let Some(seq) = self.seq {
+            mark_durable(&self.durable_seq, seq);
+        }
+    }
+}
+
+fn mark_durable(durable_seq: &watch::Sender<u64>, seq: u64) {
+    durable_seq.send_if_modified(|durable| {
+        let advanced = seq > *durable;
+        *durable = (*durable).max(seq);
+        advanced
+    });
 }
 
 /// A [`Replica`] connected to its peers over NATS. Cloning gives another
@@ -254,6 +297,8 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             counters: Counters::default(),
             lag_ms: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
             round: Notify::new(),
+            next_seq: AtomicU64::new(1),
+            durable_seq: watch::Sender::new(0),
         });
         let tasks = vec![
             tokio::spawn(publish_loop(
@@ -289,6 +334,29 @@ impl<L: OpLog> SyncedReplica<L> {
         }
         drop(replica);
         Ok(update)
+    }
+
+    /// Runs a local operation on `doc` whose log appends are queued but not waited for
+    /// (e.g. a deferred group commit): `operation` runs under the replica lock, and its
+    /// changes are queued for publishing in commit order but held. The caller makes them
+    /// durable after this returns, without the lock (peers' changes, ticks and reads go
+    /// on meanwhile, and may see them before they are durable), then releases the
+    /// [`Publication`]. `operation` must touch only `doc`.
+    pub fn update_deferred<T>(
+        &self,
+        doc: &DocId,
+        operation: impl FnOnce(&mut Replica<L>, u64) -> Result<Update<T>, Error>,
+    ) -> Result<(Update<T>, Publication), Error> {
+        let now = now_ms();
+        let mut replica = self.lock();
+        let update = operation(&mut replica, now)?;
+        let seq = update
+            .changes
+            .as_ref()
+            .map(|changes| queue(&self.shared, doc.clone(), changes.clone(), now, Durable::Later));
+        let publication = Publication { seq, durable_seq: self.shared.durable_seq.clone() };
+        drop(replica);
+        Ok((update, publication))
     }
 
     /// Reads the replica.
@@ -339,10 +407,41 @@ fn lock<L: OpLog>(shared: &Shared<L>) -> MutexGuard<'_, Replica<L>> {
     shared.replica.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Queues durable changes (call it under the replica lock).
 fn enqueue<L: OpLog>(shared: &Shared<L>, doc: DocId, changes: ChangeBatch, origin_ms: u64) {
-    if shared.outbox.try_send(Outgoing { doc, changes, origin_ms }).is_err() {
+    queue(shared, doc, changes, origin_ms, Durable::Now);
+}
+
+/// Whether a queued batch's records are durable yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    Now,
+    /// Held until `durable_seq` reaches its sequence.
+    Later,
+}
+
+/// Queues a batch under the replica lock, right after its records were appended; returns
+/// its sequence.
+fn queue<L: OpLog>(
+    shared: &Shared<L>,
+    doc: DocId,
+    changes: ChangeBatch,
+    origin_ms: u64,
+    durable: Durable,
+) -> u64 {
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    if durable == Durable::Now {
+        mark_durable(&shared.durable_seq, seq);
+    }
+    if shared.outbox.try_send(Outgoing { doc, changes, origin_ms, seq }).is_err() {
         shared.counters.batches_dropped.fetch_add(1, Ordering::Relaxed);
     }
+    seq
+}
+
+/// Waits until `item`'s records are durable; `false`: never (the sync layer stops).
+async fn releasable(durable_seq: &mut watch::Receiver<u64>, item: &Outgoing) -> bool {
+    durable_seq.wait_for(|durable| *durable >= item.seq).await.is_ok()
 }
 
 async fn publish_loop<L: OpLog + Send + 'static>(
@@ -367,7 +466,11 @@ async fn publish_loop<L: OpLog + Send + 'static>(
             }
         }
     });
+    let mut durable_seq = shared.durable_seq.subscribe();
     while let Some(first) = outbox.recv().await {
+        if !releasable(&mut durable_seq, &first).await {
+            break;
+        }
         let deadline = tokio::time::Instant::now() + flush_interval;
         let mut pending: BTreeMap<DocId, Vec<(ChangeBatch, u64)>> = BTreeMap::new();
         let mut add = |item: Outgoing| {
@@ -388,6 +491,9 @@ async fn publish_loop<L: OpLog + Send + 'static>(
         };
         add(first);
         while let Ok(Some(item)) = tokio::time::timeout_at(deadline, outbox.recv()).await {
+            if !releasable(&mut durable_seq, &item).await {
+                break;
+            }
             add(item);
         }
         let mut acks = Vec::new();
@@ -738,23 +844,49 @@ async fn periodic<L: OpLog>(
                 send_sync(&shared, &client, &doc, &peer, message).await;
             }
         } else {
-            let now = now_ms();
-            let (out, entered) = {
-                let mut replica = lock(&shared);
-                let before = replica.epochs_entered();
-                let out = replica.tick(now);
-                (out, replica.epochs_entered() != before)
-            };
-            if let Ok(out) = out {
-                for (doc, changes) in out {
-                    enqueue(&shared, doc, changes, now);
-                }
-            }
-            if entered {
-                // The genesis may be too large for one message; sync sends it in parts.
-                shared.round.notify_one();
-            }
+            tick(&shared).await;
         }
+    }
+}
+
+/// One tick: maintenance in bounded steps, each under the lock, its records appended
+/// without waiting and its changes queued held (peers' changes and local writes get the
+/// lock in between); they are published once the log is durable past them.
+async fn tick<L: OpLog>(shared: &Shared<L>) {
+    let now = now_ms();
+    let mut last_held = None;
+    let mut entered = false;
+    for _ in 0..TICK_STEPS_MAX {
+        let more = {
+            let mut replica = lock(shared);
+            let before = replica.epochs_entered();
+            let step = replica.tick_step(now, TICK_FOLDS_PER_STEP);
+            entered |= replica.epochs_entered() != before;
+            let Ok(step) = step else {
+                break;
+            };
+            for (doc, changes) in step.changes {
+                last_held = Some(queue(shared, doc, changes, now, Durable::Later));
+            }
+            step.more
+        };
+        if !more {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // Under load a later group commit has already made them durable; else one sync.
+    if let Some(seq) = last_held
+        && *shared.durable_seq.borrow() < seq
+    {
+        let mut replica = lock(shared);
+        if *shared.durable_seq.borrow() < seq && replica.sync_log().is_ok() {
+            mark_durable(&shared.durable_seq, seq);
+        }
+    }
+    if entered {
+        // The genesis may be too large for one message; sync sends it in parts.
+        shared.round.notify_one();
     }
 }
 

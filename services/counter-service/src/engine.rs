@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crdt_sync::sync::{SyncConfig, SyncedReplica, now_ms};
+use crdt_sync::sync::{Publication, SyncConfig, SyncedReplica, now_ms};
 use crdt_sync::{ChangeBatch, DocId, Error as CrdtError, Replica, ReplicaConfig, Update};
 use event_log::EventLog;
 use serde::{Deserialize, Serialize};
@@ -221,18 +221,41 @@ impl Engine {
         doc: &DocId,
         operation: impl FnOnce(&mut Replica<Log>, u64) -> Result<Update<T>, CrdtError>,
     ) -> Result<Update<T>, CrdtError> {
+        self.with_writer(|writer| match writer {
+            Writer::Synced(synced) => synced.update(doc, operation),
+            Writer::Local(replica) => operation(replica, now_ms()),
+        })?
+    }
+
+    /// Runs a local operation on `doc` whose appends are deferred (see
+    /// `EventOpLog::end_deferred`): its changes are held until the returned publication is
+    /// released, which the caller does once they are durable (`None`: not synced yet, the
+    /// first anti-entropy round carries them).
+    fn update_deferred<T>(
+        &self,
+        doc: &DocId,
+        operation: impl FnOnce(&mut Replica<Log>, u64) -> Result<Update<T>, CrdtError>,
+    ) -> Result<(Update<T>, Option<Publication>), CrdtError> {
+        self.with_writer(|writer| match writer {
+            Writer::Synced(synced) => {
+                synced.update_deferred(doc, operation).map(|(update, held)| (update, Some(held)))
+            }
+            Writer::Local(replica) => operation(replica, now_ms()).map(|update| (update, None)),
+        })?
+    }
+
+    /// Runs `write` on whoever holds the replica: the sync layer, or the local replica under
+    /// its lock (waiting while the sync layer takes it over).
+    fn with_writer<R>(&self, write: impl FnOnce(Writer<'_>) -> R) -> Result<R, CrdtError> {
         let deadline = Instant::now() + Duration::from_millis(HANDOVER_WAIT_MS_MAX);
-        let mut operation = Some(operation);
         loop {
             if let Some(synced) = self.synced.get() {
-                let operation = operation.take().expect("runs once");
-                return synced.update(doc, operation);
+                return Ok(write(Writer::Synced(synced)));
             }
             {
                 let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(replica) = local.as_mut() {
-                    let operation = operation.take().expect("runs once");
-                    return operation(replica, now_ms());
+                    return Ok(write(Writer::Local(replica)));
                 }
             }
             if Instant::now() > deadline {
@@ -380,7 +403,8 @@ impl Engine {
         }
     }
 
-    /// Applies `items` to `doc` under one replica lock and one group commit, then answers.
+    /// Applies `items` to `doc` under one replica lock, makes them durable with one group
+    /// commit after the lock is released, then publishes and answers.
     fn commit_increments(&self, doc: &DocId, items: Vec<IncrementRequest>) {
         let closed = self.commit_gate.lock().unwrap_or_else(|e| e.into_inner());
         if *closed {
@@ -390,7 +414,8 @@ impl Engine {
         let count = items.len();
         let mut outcomes: Vec<Result<(i64, bool), CrdtError>> = Vec::with_capacity(count);
         let log = self.log.clone();
-        let result = self.update(doc, |replica, now| {
+        let mut appends = None;
+        let result = self.update_deferred(doc, |replica, now| {
             let mut changes = ChangeBatch::new();
             log.begin_deferred();
             for item in &items {
@@ -404,13 +429,23 @@ impl Engine {
                     (update.value, update.applied)
                 }));
             }
-            if let Err(err) = log.finish_deferred() {
-                // The replica holds changes that may not be durable: stop, recover from disk.
-                tracing::error!(error = %err, "op log group commit failed; exiting");
-                std::process::abort();
-            }
+            appends = Some(log.end_deferred());
             let applied = !changes.is_empty();
             Ok(Update { value: (), applied, changes: applied.then_some(changes) })
+        });
+        // The group commit, without the replica lock: the batcher is the only writer of
+        // increments and takes the next batch only after this one is durable, so no answer
+        // (a duplicate's included) ever rests on an increment that is not durable yet.
+        if let Some(Err(err)) = appends.map(|appends| appends.wait()) {
+            // The replica holds changes that may not be durable: stop, recover from disk.
+            tracing::error!(error = %err, "op log group commit failed; exiting");
+            std::process::abort();
+        }
+        let result = result.map(|(update, held)| {
+            if let Some(held) = held {
+                held.release();
+            }
+            update
         });
         if let Err(err) = result {
             let text = err.to_string();
@@ -430,6 +465,12 @@ impl Engine {
             let _ = item.reply.send(outcome);
         }
     }
+}
+
+/// Who holds the replica for a write.
+enum Writer<'a> {
+    Synced(&'a SyncedReplica<Log>),
+    Local(&'a mut Replica<Log>),
 }
 
 /// The batcher's queue is full or gone.

@@ -15,12 +15,15 @@
 //! - **deferred**, between [`EventOpLog::begin_deferred`] and
 //!   [`EventOpLog::finish_deferred`]: `append` only queues the records with
 //!   the log's writer and returns the position they will get; `finish_deferred`
-//!   waits until all of them are durable. The increment batcher uses it so one
-//!   group commit covers a whole batch of increments made under one replica
-//!   lock; nothing of the batch is answered or published before
-//!   `finish_deferred` returns. If that wait fails, the replica holds changes
-//!   that may not be durable: the caller must stop the process (fail-stop, as
-//!   PostgreSQL does on an fsync error) and let recovery rebuild from disk.
+//!   waits until all of them are durable ([`EventOpLog::end_deferred`] closes
+//!   the batch without waiting, so the wait can happen after the replica lock is
+//!   released). The increment batcher uses it so one group commit covers a whole
+//!   batch of increments made under one replica lock, and peers' changes and
+//!   ticks go on during the fdatasync; nothing of the batch is answered or
+//!   published before the wait returns. If that wait fails, the replica holds
+//!   changes that may not be durable: the caller must stop the process
+//!   (fail-stop, as PostgreSQL does on an fsync error) and let recovery rebuild
+//!   from disk.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,14 +88,14 @@ impl EventOpLog {
 
     /// Closes the deferred batch and waits until every append queued in it is durable.
     pub fn finish_deferred(&self) -> Result<(), OpLogError> {
+        self.end_deferred().wait()
+    }
+
+    /// Closes the deferred batch without waiting: later appends are immediate again, and
+    /// the returned appends can be waited for once the replica lock is released.
+    pub fn end_deferred(&self) -> DeferredAppends {
         let pending = self.inner.deferred.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut result = Ok(());
-        for item in pending.unwrap_or_default() {
-            if let Err(err) = item.wait() {
-                result = Err(OpLogError::Storage(err.to_string()));
-            }
-        }
-        result
+        DeferredAppends(pending.unwrap_or_default())
     }
 
     fn event_id(&self) -> [u8; 16] {
@@ -106,6 +109,24 @@ impl EventOpLog {
             .iter()
             .map(|record| AppendRequest::new(STREAM, self.event_id(), KIND, record.encode()))
             .collect()
+    }
+}
+
+/// The appends of a closed deferred batch (see the module docs).
+#[derive(Debug)]
+#[must_use = "the batch is not durable until `wait` returns"]
+pub struct DeferredAppends(Vec<Pending<Appended>>);
+
+impl DeferredAppends {
+    /// Waits until every append of the batch is durable.
+    pub fn wait(self) -> Result<(), OpLogError> {
+        let mut result = Ok(());
+        for item in self.0 {
+            if let Err(err) = item.wait() {
+                result = Err(OpLogError::Storage(err.to_string()));
+            }
+        }
+        result
     }
 }
 
