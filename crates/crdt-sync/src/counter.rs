@@ -45,7 +45,7 @@
 //! the same folder, and the folder deletes the key once. See the crate docs
 //! for the bound.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use automerge::transaction::Transactable;
 use automerge::{ActorId, ObjId, ObjType, ReadDoc, ScalarValue, Value};
@@ -376,6 +376,7 @@ fn sealed_blob<R: ReadDoc>(
 }
 
 /// One write of an op_id.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     amount: i64,
     counter: u64,
@@ -586,7 +587,7 @@ pub(crate) fn write_increment<T: Transactable>(
 #[derive(Debug, Default)]
 pub(crate) struct Maintenance {
     acks: Vec<(String, u64)>,
-    folds: Vec<(String, i64)>,
+    folds: Vec<Fold>,
     fold_total: i64,
     expired_buckets: Vec<String>,
     expired_sealed: Vec<String>,
@@ -605,17 +606,74 @@ impl Maintenance {
         self.folds.len()
     }
 
-    /// Keeps the first `max` folds (each a prefix of the planned order, so its total fits
-    /// as the whole did); `true` if some were left for a later round.
-    pub(crate) fn truncate_folds(&mut self, max: usize) -> bool {
+    /// Keeps the first `max` folds (a prefix of the planned order, so its total fits as the
+    /// whole did) and returns the rest, for later rounds ([`plan_backlog`]).
+    pub(crate) fn split_folds(&mut self, max: usize) -> FoldBacklog {
         if self.folds.len() <= max {
-            return false;
+            return FoldBacklog::default();
         }
-        self.folds.truncate(max);
-        let total: i128 = self.folds.iter().map(|(_, amount)| i128::from(*amount)).sum();
+        let rest = self.folds.split_off(max);
+        let total: i128 = self.folds.iter().map(|fold| i128::from(fold.amount)).sum();
         self.fold_total = i64::try_from(total).expect("every running total fits");
-        true
+        FoldBacklog { folds: rest.into() }
     }
+}
+
+/// One planned fold: the entry's op_id, its canonical amount, and every write of the op_id
+/// seen when it was planned.
+#[derive(Debug)]
+pub(crate) struct Fold {
+    op_id: String,
+    amount: i64,
+    entries: Vec<Entry>,
+}
+
+/// Folds planned but not written yet, oldest first.
+#[derive(Debug, Default)]
+pub(crate) struct FoldBacklog {
+    folds: VecDeque<Fold>,
+}
+
+impl FoldBacklog {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.folds.is_empty()
+    }
+}
+
+/// A maintenance round of at most `max` folds taken from `backlog`, without a new scan of
+/// the document: a planned fold is kept only if its op_id still holds exactly the writes it
+/// held when planned (they were all acked then, and acks only grow), and the folds'
+/// running total still fits.
+pub(crate) fn plan_backlog<R: ReadDoc>(
+    doc: &R,
+    id: &DocId,
+    node: &str,
+    backlog: &mut FoldBacklog,
+    max: usize,
+) -> Result<Maintenance, Error> {
+    let objs = Objs::load(doc, id)?;
+    let folded_now = match doc.get(&objs.folded, node)? {
+        Some((value, _)) => i128::from(value.as_i64().unwrap_or(0)),
+        None => 0,
+    };
+    let mut plan = Maintenance::default();
+    let mut total: i128 = 0;
+    while plan.folds.len() < max {
+        let Some(fold) = backlog.folds.pop_front() else {
+            break;
+        };
+        if entries(doc, id, &objs.ops, &fold.op_id)? != fold.entries {
+            continue;
+        }
+        let next = total + i128::from(fold.amount);
+        if i64::try_from(folded_now + next).is_err() || i64::try_from(next).is_err() {
+            continue;
+        }
+        total = next;
+        plan.folds.push(fold);
+    }
+    plan.fold_total = i64::try_from(total).expect("checked at every step");
+    Ok(plan)
 }
 
 /// Plans `node`'s acks, folds and tombstone expiry. `members` are all
@@ -688,7 +746,8 @@ pub(crate) fn plan_maintenance<R: ReadDoc>(
             continue;
         }
         fold_total = next;
-        plan.folds.push((op_id, canonical.amount));
+        let amount = canonical.amount;
+        plan.folds.push(Fold { op_id, amount, entries });
     }
     plan.fold_total = i64::try_from(fold_total).expect("checked at every step");
 
@@ -728,7 +787,7 @@ pub(crate) fn apply_maintenance<T: Transactable>(
         };
         // Each shard looked up once per round (a map get each).
         let mut parts: BTreeMap<(bool, String), ObjId> = BTreeMap::new();
-        for (op_id, amount) in &plan.folds {
+        for Fold { op_id, amount, .. } in &plan.folds {
             let shard = shard_key(op_id);
             let live = match parts.get(&(false, shard.clone())) {
                 Some(part) => part.clone(),

@@ -343,6 +343,9 @@ pub struct Replica<L: OpLog> {
     dedup_window_ms: u64,
     epoch_changes_min: u64,
     outgoing: VecDeque<(DocId, ChangeBatch)>,
+    /// Folds a bounded tick step planned but left for the next step, per counter, with the
+    /// epoch they were planned in.
+    fold_backlog: BTreeMap<DocId, (u64, counter::FoldBacklog)>,
     /// Latest `now_ms` a caller passed (the time of changes the replica writes by itself).
     last_now_ms: u64,
     docs: BTreeMap<DocId, DocState>,
@@ -385,6 +388,7 @@ impl<L: OpLog> Replica<L> {
             dedup_window_ms: config.dedup_window_ms.max(1),
             epoch_changes_min: config.epoch_changes_min.max(1),
             outgoing: VecDeque::new(),
+            fold_backlog: BTreeMap::new(),
             last_now_ms: 0,
             docs: BTreeMap::new(),
             log,
@@ -638,18 +642,41 @@ impl<L: OpLog> Replica<L> {
             }
             // A join that failed when the epoch arrived is retried here.
             self.join_epoch(&id)?;
-            let mut plan = {
-                let state = &self.docs[&id];
-                counter::plan_maintenance(
-                    &state.cur.doc,
-                    &id,
-                    &self.node_id,
-                    &self.members,
-                    now_ms,
-                    self.dedup_window_ms,
-                )?
+            let state = &self.docs[&id];
+            // A backlog left by the previous step is written first, without a new scan
+            // (a scan reads every live entry); it belongs to the epoch it was planned in.
+            let backlog = self
+                .fold_backlog
+                .remove(&id)
+                .filter(|(epoch, backlog)| *epoch == state.cur.epoch && !backlog.is_empty());
+            let (plan, backlog) = match backlog {
+                Some((_, mut backlog)) => {
+                    let plan = counter::plan_backlog(
+                        &state.cur.doc,
+                        &id,
+                        &self.node_id,
+                        &mut backlog,
+                        folds_max,
+                    )?;
+                    (plan, backlog)
+                }
+                None => {
+                    let mut plan = counter::plan_maintenance(
+                        &state.cur.doc,
+                        &id,
+                        &self.node_id,
+                        &self.members,
+                        now_ms,
+                        self.dedup_window_ms,
+                    )?;
+                    let backlog = plan.split_folds(folds_max);
+                    (plan, backlog)
+                }
             };
-            let left = plan.truncate_folds(folds_max);
+            let left = !backlog.is_empty();
+            if left {
+                self.fold_backlog.insert(id.clone(), (state.cur.epoch, backlog));
+            }
             more |= left;
             if !plan.is_empty() {
                 let node = self.node_id.clone();
@@ -694,6 +721,7 @@ impl<L: OpLog> Replica<L> {
             return Ok(None);
         }
         let epoch = state.cur.epoch + 1;
+        let started = std::time::Instant::now();
         let by = counter::GenesisBy {
             node: &self.node_id,
             actor: &self.actor,
@@ -713,7 +741,13 @@ impl<L: OpLog> Replica<L> {
         let state = self.docs.get_mut(id).expect("present");
         state.next = Some(EpochDoc::new(epoch, genesis));
         self.metrics.epochs_entered += settle_epochs(state, id, &self.members)?;
-        tracing::info!(doc = %id, epoch, "started a counter epoch");
+        tracing::info!(
+            doc = %id,
+            epoch,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            genesis_bytes = record.changes.as_bytes().len(),
+            "started a counter epoch"
+        );
         Ok(Some(record.changes))
     }
 
@@ -745,6 +779,7 @@ impl<L: OpLog> Replica<L> {
             state.self_joined = true;
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let carried = match &state.previous {
             Some(previous) => {
                 counter::plan_join(&previous.doc, &state.cur.doc, id, &state.sealed, &self.node_id)?
@@ -766,7 +801,12 @@ impl<L: OpLog> Replica<L> {
             }
             self.outgoing.push_back((id.clone(), changes));
         }
-        tracing::info!(doc = %id, carried = carried.len(), "joined a counter epoch");
+        tracing::info!(
+            doc = %id,
+            carried = carried.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "joined a counter epoch"
+        );
         Ok(())
     }
 

@@ -23,7 +23,7 @@
 //! published is counted and left to anti-entropy.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +72,8 @@ pub const LAG_SAMPLES_MAX: usize = 10_000;
 pub const TICK_FOLDS_PER_STEP: usize = 16;
 /// Most steps of one tick; what is left waits for the next tick.
 pub const TICK_STEPS_MAX: usize = 256;
+/// Longest a tick waits between two steps for the callers blocked on the replica lock.
+pub const HANDOFF_WAIT_MS_MAX: u64 = 5;
 /// Header of one part of a sync message too large for one NATS message: `{index}/{count}`.
 pub const SYNC_PART_HEADER: &str = "Keel-Sync-Part";
 /// Largest part of a sync message; larger messages (a replica that missed a long stretch
@@ -155,6 +157,9 @@ struct Counters {
 
 struct Shared<L: OpLog> {
     replica: Mutex<Replica<L>>,
+    /// Callers blocked in [`lock`]: a tick lets them in between its steps (std's mutex is
+    /// not fair, and relocking at once would starve them).
+    waiting: AtomicUsize,
     node_id: String,
     outbox: mpsc::Sender<Outgoing>,
     counters: Counters,
@@ -292,6 +297,7 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
         let shared = Arc::new(Shared {
             replica: Mutex::new(replica),
+            waiting: AtomicUsize::new(0),
             node_id,
             outbox,
             counters: Counters::default(),
@@ -402,9 +408,24 @@ impl<L: OpLog> SyncedReplica<L> {
 }
 
 fn lock<L: OpLog>(shared: &Shared<L>) -> MutexGuard<'_, Replica<L>> {
+    if let Ok(guard) = shared.replica.try_lock() {
+        return guard;
+    }
+    shared.waiting.fetch_add(1, Ordering::AcqRel);
     // A panic while holding the lock leaves the replica consistent (every
     // operation is all-or-nothing), so a poisoned lock is still usable.
-    shared.replica.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    let guard = shared.replica.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    shared.waiting.fetch_sub(1, Ordering::AcqRel);
+    guard
+}
+
+/// Waits (briefly, at most [`HANDOFF_WAIT_MS_MAX`]) until the callers blocked on the
+/// replica lock got it.
+async fn hand_off<L: OpLog>(shared: &Shared<L>) {
+    let deadline = std::time::Instant::now() + Duration::from_millis(HANDOFF_WAIT_MS_MAX);
+    while shared.waiting.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Queues durable changes (call it under the replica lock).
@@ -873,7 +894,7 @@ async fn tick<L: OpLog>(shared: &Shared<L>) {
         if !more {
             break;
         }
-        tokio::task::yield_now().await;
+        hand_off(shared).await;
     }
     // Under load a later group commit has already made them durable; else one sync.
     if let Some(seq) = last_held

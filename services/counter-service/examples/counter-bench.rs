@@ -5,7 +5,8 @@
 //! `cargo build --release -p counter-service --examples && target/release/examples/counter-bench`
 //! Flags (env): `LAG_RATE` (increments/s, 1000), `LAG_SECONDS` (10), `THROUGHPUT_SECONDS`
 //! (10), `GROWTH_TOTAL` (1000000), `GROWTH_STEP` (100000), `CONCURRENCY` (128),
-//! `REPLICA_ARGS` (extra counter-service flags, split on spaces).
+//! `REPLICA_ARGS` (extra counter-service flags, split on spaces), `REPLICA_LOG` (the replicas'
+//! `RUST_LOG`, default `warn`).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -97,7 +98,7 @@ async fn nats_round_trip_us(url: &str, count: usize) -> Vec<f64> {
 fn replica(bin: &std::path::Path, nats: &str, node: &str, peers: &str) -> ServiceSpec {
     let mut spec = ServiceSpec::new(bin, nats)
         .args(["--node-id", node, "--peers", peers])
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", &std::env::var("REPLICA_LOG").unwrap_or_else(|_| "warn".into()));
     // Replica flags to compare settings, e.g. `REPLICA_ARGS="--tick-interval-ms 500"`.
     if let Ok(extra) = std::env::var("REPLICA_ARGS") {
         spec = spec.args(extra.split_whitespace());

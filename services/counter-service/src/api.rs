@@ -221,7 +221,11 @@ async fn get_set(
     Ok(ApiJson(json!({"name": name, "members": members})))
 }
 
-/// Sync-layer figures for operators and the bench: lag percentiles, counters, log position.
+/// Lag samples per point of `/debug/sync`'s lag curve (`max_per_run`).
+pub const LAG_CURVE_SAMPLES: usize = 500;
+
+/// Sync-layer figures for operators and the bench: lag percentiles and recent course,
+/// counters, log position.
 /// `?docs=true` adds each document's saved size (costs a save of each).
 async fn debug_sync(
     State(engine): State<Arc<Engine>>,
@@ -250,6 +254,11 @@ async fn debug_sync(
         }
         if let Some(synced) = engine.synced() {
             let mut lag = synced.lag_samples_ms();
+            // The lag's recent course: the worst of each run of samples, oldest first.
+            let curve: Vec<u64> = lag
+                .chunks(LAG_CURVE_SAMPLES)
+                .map(|run| run.iter().copied().max().unwrap_or(0))
+                .collect();
             lag.sort_unstable();
             let pick = |q: f64| -> Option<u64> {
                 (!lag.is_empty()).then(|| lag[((lag.len() - 1) as f64 * q).round() as usize])
@@ -257,6 +266,7 @@ async fn debug_sync(
             let m = synced.metrics();
             body["lag_ms"] = json!({
                 "samples": lag.len(), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0),
+                "max_per_run": curve, "run_samples": LAG_CURVE_SAMPLES,
             });
             body["sync"] = json!({
                 "batches_published": m.batches_published,
