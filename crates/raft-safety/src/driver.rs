@@ -98,6 +98,8 @@ where
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut waiters = Waiters::default();
     let mut inbound_open = true;
+    // Messages of a ready round that leave after its write, sent once the round is done.
+    let mut outbox: Vec<Message> = Vec::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -141,9 +143,34 @@ where
                 }
             }
         }
-        if let Err(error) = node.handle_ready(&mut |message| transport.send(message)) {
+        // A leader's appends go to the peer tasks first; yielding lets those tasks write them
+        // to the sockets (on this worker, before the blocking write below) so that the
+        // followers persist in parallel with the leader instead of after it. Not when more
+        // requests or messages wait: then the tasks that would run first are mostly clients'
+        // (delaying this round's write behind them), and the next round is due at once.
+        let sent_before_write = node.begin_ready(&mut |message| transport.send(message));
+        if sent_before_write && commands.is_empty() && inbound.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        if let Err(error) = node.finish_ready(&mut |message| outbox.push(message)) {
             tracing::error!(node = node.id(), ?error, "raft node failed; stopping");
             return Err(error);
+        }
+        // Wake-up order: a task woken last runs first on this worker once the loop waits
+        // again (tokio's LIFO slot); the others wait for another worker. So status watchers
+        // (the publisher) are told first, then the messages that depended on the write go to
+        // the peer tasks (a follower's acknowledgement), and the callers whose requests
+        // completed are woken last (the leader's answer to a client).
+        let current = node.status();
+        status.send_if_modified(|old| {
+            let changed = *old != current;
+            if changed {
+                *old = current;
+            }
+            changed
+        });
+        for message in outbox.drain(..) {
+            transport.send(message);
         }
         for event in node.drain_events() {
             match event {
@@ -160,14 +187,6 @@ where
                 _ => {}
             }
         }
-        let current = node.status();
-        status.send_if_modified(|old| {
-            let changed = *old != current;
-            if changed {
-                *old = current;
-            }
-            changed
-        });
     }
     Ok(())
 }

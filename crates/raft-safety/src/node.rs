@@ -233,7 +233,9 @@ struct PendingRead {
 /// Drive it with [`Node::tick`] (every `tick_ms`), [`Node::step`] (every message received),
 /// [`Node::propose`] / [`Node::read`]; after any of them call [`Node::handle_ready`], which makes
 /// new state durable and passes the messages to send to its callback, then
-/// [`Node::drain_events`] for completed requests.
+/// [`Node::drain_events`] for completed requests. A driver whose write blocks the thread its
+/// sockets are served on calls the two halves, [`Node::begin_ready`] and
+/// [`Node::finish_ready`], and lets the messages of the first leave in between.
 pub struct Node<S: LogStore, M: StateMachine> {
     raw: RawNode<S>,
     sm: M,
@@ -251,6 +253,10 @@ pub struct Node<S: LogStore, M: StateMachine> {
     observe_applied: bool,
     /// A membership change added a member: snapshot at the next opportunity.
     snapshot_due: bool,
+    /// The ready round begun by [`Node::begin_ready`] and not finished yet.
+    ready: Option<raft::Ready>,
+    /// Peers sent a snapshot in the current ready round.
+    snapshot_targets: Vec<u64>,
     /// Deterministic source of election timeouts (see [`Node::set_election_seed`]).
     election_rng: u64,
     /// (term, role, leader) and timeout when the election timeout was last drawn.
@@ -322,6 +328,8 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
             events: Vec::new(),
             observe_applied: false,
             snapshot_due: false,
+            ready: None,
+            snapshot_targets: Vec::new(),
             election_rng: 0,
             election_key: (0, StateRole::Follower, 0),
             election_timeout_ticks: 0,
@@ -538,21 +546,42 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
     /// round durable (one store write), restores a received snapshot, applies committed
     /// entries, sends what depended on the write, advances raft; then compacts, serves reads and
     /// fails proposals whose leader went away. `send` must not block (queue or drop).
+    ///
+    /// The same as [`Node::begin_ready`] followed by [`Node::finish_ready`].
     pub fn handle_ready(&mut self, send: &mut impl FnMut(Message)) -> Result<(), NodeError> {
-        if self.raw.has_ready() {
-            let mut snapshot_targets = Vec::new();
-            let mut out = |message: Message, targets: &mut Vec<u64>| {
-                if message.get_msg_type() == MessageType::MsgSnapshot {
-                    targets.push(message.to);
-                }
-                send(message);
-            };
-            let mut ready = self.raw.ready();
-            // A leader's appends may go out before its own write (raft-rs counts its own
-            // acknowledgement only after `advance`).
-            for message in ready.take_messages() {
-                out(message, &mut snapshot_targets);
-            }
+        self.begin_ready(send);
+        self.finish_ready(send)
+    }
+
+    /// The first half of a ready round: takes raft's ready state and sends the messages that
+    /// may leave before the round's write (a leader's appends: raft-rs counts the leader's own
+    /// acknowledgement only once the write is done). Returns whether it sent any and a disk
+    /// write follows, so that a driver can let them leave (e.g. yield to the tasks that write
+    /// them to the sockets) before it blocks on the write: the followers then persist in
+    /// parallel with the leader. Call [`Node::finish_ready`] next, before anything else
+    /// touches the node; a second `begin_ready` before it does nothing.
+    pub fn begin_ready(&mut self, send: &mut impl FnMut(Message)) -> bool {
+        if self.ready.is_some() || !self.raw.has_ready() {
+            return false;
+        }
+        let mut ready = self.raw.ready();
+        let messages = ready.take_messages();
+        let sent = !messages.is_empty();
+        for message in messages {
+            self.out(message, send);
+        }
+        let writes = !ready.entries().is_empty() || !ready.snapshot().is_empty();
+        self.ready = Some(ready);
+        sent && writes
+    }
+
+    /// The second half of a ready round (see [`Node::handle_ready`]); with no round begun it
+    /// begins one first.
+    pub fn finish_ready(&mut self, send: &mut impl FnMut(Message)) -> Result<(), NodeError> {
+        if self.ready.is_none() {
+            self.begin_ready(send);
+        }
+        if let Some(mut ready) = self.ready.take() {
             let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
             self.raw.mut_store().write(WriteBatch {
                 snapshot: snapshot.as_ref(),
@@ -568,20 +597,20 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
             }
             // Votes and append responses promise durable state: only now may they leave.
             for message in ready.take_persisted_messages() {
-                out(message, &mut snapshot_targets);
+                self.out(message, send);
             }
             let mut light = self.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 self.raw.mut_store().set_commit(commit)?;
             }
             for message in light.take_messages() {
-                out(message, &mut snapshot_targets);
+                self.out(message, send);
             }
             self.apply_entries(light.take_committed_entries())?;
             self.raw.advance_apply_to(self.applied_index);
             // Snapshots travel over a lossy network: report them sent, so that a lost one
             // leads to a probe, a rejection and a new snapshot instead of a stuck follower.
-            for to in snapshot_targets {
+            for to in std::mem::take(&mut self.snapshot_targets) {
                 self.raw.report_snapshot(to, SnapshotStatus::Finish);
             }
         }
@@ -589,6 +618,13 @@ impl<S: LogStore, M: StateMachine> Node<S, M> {
         self.complete_reads();
         self.fail_orphaned_proposals();
         Ok(())
+    }
+
+    fn out(&mut self, message: Message, send: &mut impl FnMut(Message)) {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            self.snapshot_targets.push(message.to);
+        }
+        send(message);
     }
 
     fn context(&self, seq: u64) -> Vec<u8> {
@@ -948,6 +984,67 @@ mod tests {
         assert_eq!(node.status().members(), vec![1]);
         assert!(applied(&events, proposal).unwrap().index > 0);
         assert!(node.state_machine().state().engaged);
+    }
+
+    /// Runs the ready loop of three members of [1, 2, 3], delivering every message, until
+    /// member 1 leads and everyone applied the first entry of its term.
+    fn three_with_leader_1() -> Vec<Node<MemStore, EStop>> {
+        let mut nodes: Vec<_> = (1..=3)
+            .map(|id| Node::new(NodeConfig::new(id, vec![1, 2, 3]), MemStore::new(), EStop::new()))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        nodes[0].campaign().unwrap();
+        for _ in 0..50 {
+            let mut messages = Vec::new();
+            for node in &mut nodes {
+                node.handle_ready(&mut |m| messages.push(m)).unwrap();
+            }
+            for message in messages {
+                let _ = nodes[message.to as usize - 1].step(message);
+            }
+            let commit = nodes[0].status().commit;
+            if nodes[0].is_leader()
+                && commit > BOOTSTRAP_INDEX
+                && nodes.iter().all(|n| n.status().applied == commit)
+            {
+                return nodes;
+            }
+        }
+        panic!("member 1 never led: {:?}", nodes.iter().map(Node::status).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_leaders_appends_leave_before_its_write_and_acks_only_after_the_followers_write() {
+        let mut nodes = three_with_leader_1();
+        let last = nodes[0].raw().store().last_index().unwrap();
+        nodes[0].propose(engage("r1")).unwrap();
+        let mut early = Vec::new();
+        assert!(nodes[0].begin_ready(&mut |m| early.push(m)), "appends sent and a write follows");
+        let to: Vec<u64> = early
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgAppend && !m.entries.is_empty())
+            .map(|m| m.to)
+            .collect();
+        assert_eq!(to, [2, 3], "both followers get the entry before the leader's write");
+        assert_eq!(nodes[0].raw().store().last_index().unwrap(), last, "not written yet");
+        assert!(!nodes[0].begin_ready(&mut |_| panic!("no second round")), "round already begun");
+        nodes[0]
+            .finish_ready(&mut |m| panic!("the leader sends nothing after its write: {m:?}"))
+            .unwrap();
+        assert_eq!(nodes[0].raw().store().last_index().unwrap(), last + 1, "written by finish");
+
+        // A follower sends nothing before its write; its acknowledgement only after it.
+        for message in early.into_iter().filter(|m| m.to == 2) {
+            nodes[1].step(message).unwrap();
+        }
+        assert!(!nodes[1].begin_ready(&mut |m| panic!("a follower acks after its write: {m:?}")));
+        let mut acks = Vec::new();
+        nodes[1].finish_ready(&mut |m| acks.push(m)).unwrap();
+        assert_eq!(nodes[1].raw().store().last_index().unwrap(), last + 1);
+        assert!(
+            acks.iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgAppendResponse && m.index == last + 1)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! quorum-bench: safety-quorum measured on loopback beside its floors and beside etcd.
 //!
 //! In one run: the floors R (TCP round trip between two loopback sockets) and F (a 4 KiB
-//! write + fdatasync in the temp dir the members use), H (an HTTP round trip to `/healthz`);
+//! write + fdatasync in the temp dir the members use; F2, two of them in parallel, is what a
+//! majority of members sharing that one disk must pay per commit), H (an HTTP round trip to `/healthz`);
 //! engage commit latency (one client, then 64 concurrent), failover after SIGKILL of the
 //! leader (time until the next engage commits on a survivor), trip-to-all-arms-stopped with
 //! the real arm-controller, RSS after many committed entries; then the same put latency and
@@ -151,6 +152,50 @@ fn floor_fsync(dir: &Path, rounds: usize) -> anyhow::Result<Value> {
         samples.push(started.elapsed().as_secs_f64());
     }
     std::fs::remove_file(path)?;
+    Ok(summary(&mut samples))
+}
+
+/// F2: two threads each overwrite one 4 KiB page of their own file and fdatasync, starting
+/// together; a sample is the time until both are done. What a commit costs at least when the
+/// members share one disk (as in this bench): a majority of three is two fdatasyncs.
+fn floor_fsync_pair(dir: &Path, rounds: usize) -> anyhow::Result<Value> {
+    use std::os::unix::fs::FileExt as _;
+    let open = |name: &str| -> anyhow::Result<std::fs::File> {
+        let file = std::fs::File::create(dir.join(name))?;
+        file.write_all_at(&vec![0u8; 16 * 4096], 0)?;
+        file.sync_all()?;
+        Ok(file)
+    };
+    let (a, b) = (open("fsync-pair-a.bin")?, open("fsync-pair-b.bin")?);
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let done = Arc::new(std::sync::Barrier::new(2));
+    let other = {
+        let (start, done) = (start.clone(), done.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let page = vec![0xa5u8; 4096];
+            for i in 0..rounds {
+                start.wait();
+                let written =
+                    b.write_all_at(&page, (i % 16) as u64 * 4096).and_then(|()| b.sync_data());
+                done.wait();
+                written?;
+            }
+            Ok(())
+        })
+    };
+    let page = vec![0x5au8; 4096];
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        start.wait();
+        let started = Instant::now();
+        a.write_all_at(&page, (i % 16) as u64 * 4096)?;
+        a.sync_data()?;
+        done.wait();
+        samples.push(started.elapsed().as_secs_f64());
+    }
+    other.join().map_err(|_| anyhow::anyhow!("fsync pair thread panicked"))??;
+    std::fs::remove_file(dir.join("fsync-pair-a.bin"))?;
+    std::fs::remove_file(dir.join("fsync-pair-b.bin"))?;
     Ok(summary(&mut samples))
 }
 
@@ -695,6 +740,8 @@ async fn main() -> anyhow::Result<()> {
     progress(&args, &report, "floor_fsync_4k")?;
     report["floor_fsync_append_4k"] = floor_fsync_append(tmp.path(), 2_000)?;
     progress(&args, &report, "floor_fsync_append_4k")?;
+    report["floor_fsync_4k_pair"] = floor_fsync_pair(tmp.path(), 2_000)?;
+    progress(&args, &report, "floor_fsync_4k_pair")?;
 
     eprintln!("safety-quorum: starting 3 members ...");
     let quorum = Quorum::start(&args.raft_store).await?;
@@ -755,6 +802,8 @@ async fn main() -> anyhow::Result<()> {
 
     report["floor_fsync_4k_end"] = floor_fsync(tmp.path(), 2_000)?;
     progress(&args, &report, "floor_fsync_4k_end")?;
+    report["floor_fsync_4k_pair_end"] = floor_fsync_pair(tmp.path(), 2_000)?;
+    progress(&args, &report, "floor_fsync_4k_pair_end")?;
     report["floor_tcp_round_trip_end"] = floor_tcp_round_trip(10_000)?;
     progress(&args, &report, "floor_tcp_round_trip_end")?;
     print_table(&report);
@@ -781,6 +830,11 @@ fn print_table(r: &Value) {
         ("floor F: 4 KiB overwrite + fdatasync", "floor_fsync_4k"),
         ("floor F: 4 KiB append + fdatasync", "floor_fsync_append_4k"),
         ("floor F (again, after the runs): 4 KiB overwrite + fdatasync", "floor_fsync_4k_end"),
+        (
+            "floor F2: two 4 KiB overwrites + fdatasyncs in parallel (one disk)",
+            "floor_fsync_4k_pair",
+        ),
+        ("floor F2 (again, after the runs)", "floor_fsync_4k_pair_end"),
         ("floor H: HTTP GET /healthz round trip", "floor_http_round_trip"),
         ("safety-quorum engage, 1 client (to leader)", "quorum_engage_single"),
         ("safety-quorum engage, 64 clients (to leader)", "quorum_engage_64"),

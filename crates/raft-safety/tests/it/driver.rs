@@ -161,17 +161,20 @@ async fn joint_consensus_replaces_a_member(snapshot_interval_entries: u64) {
 
 #[tokio::test]
 async fn a_member_without_quorum_fails_proposals_and_stops_leading() {
-    let (_transport, nodes) = cluster(3, |c| {
+    let (_transport, mut nodes) = cluster(3, |c| {
         c.proposal_timeout_ticks = 50;
         c.read_timeout_ticks = 50;
     });
     let handles: Vec<&RaftHandle> = nodes.iter().map(|(h, _)| h).collect();
     let leader_id = leader(&handles).await;
     handles[0].propose(engage("ok")).await.unwrap();
-    for (handle, _) in nodes.iter().filter(|(h, _)| h.status().id != leader_id) {
+    // `shutdown` returns at once: wait until the followers stopped, or one of them may still
+    // acknowledge the next proposal.
+    for (handle, task) in nodes.iter_mut().filter(|(h, _)| h.status().id != leader_id) {
         handle.shutdown().await;
+        task.await.unwrap().unwrap();
     }
-    let lonely = handles[leader_id as usize - 1];
+    let lonely = &nodes[leader_id as usize - 1].0;
     let started = tokio::time::Instant::now();
     let error = lonely.propose(engage("alone")).await.unwrap_err();
     assert!(
