@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--disk-from-s", type=float, default=60.0,
                     help="bytes/day from this sample time to the end")
     ap.add_argument("--dir", help="data dirs go here (default: a temp dir, removed)")
+    ap.add_argument("--data-dir", help="the controller's data dir (default: under --dir); "
+                    "on a file system of its own, device bytes are the controller's alone")
     ap.add_argument("--controller-arg", action="append", default=[])
     ap.add_argument("--sim-arg", action="append", default=[],
                     help="passed to arm-sim (e.g. --sim-arg=--floor)")
@@ -128,7 +130,7 @@ def main():
             sys.exit(f"{tool} not found (scripts/prereqs.sh installs it)")
     base = args.dir or tempfile.mkdtemp(prefix="keel-soak-")
     os.makedirs(base, exist_ok=True)
-    data = os.path.join(base, "arm-controller")
+    data = args.data_dir or os.path.join(base, "arm-controller")
     os.makedirs(data, exist_ok=True)
     nats_port, http_port = free_port(), free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"

@@ -588,7 +588,7 @@ impl Controller {
         let mut pending = Vec::new();
         for chunk in windows.chunks(AGGREGATE_BATCH_ARMS_MAX) {
             let batch = AggregateBatch { arms: chunk.to_vec() };
-            let Ok(bytes) = serde_json::to_vec(&batch) else { continue };
+            let bytes = batch.encode();
             let request = AppendRequest::new(
                 AGGREGATE_STREAM,
                 *uuid::Uuid::now_v7().as_bytes(),
