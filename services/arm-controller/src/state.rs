@@ -425,6 +425,21 @@ mod tests {
         codec.decode(&codec.encode(state).unwrap()).unwrap()
     }
 
+    /// The first event of a log: an aggregate batch with `payload`.
+    fn aggregate_event(payload: Vec<u8>) -> Event {
+        Event {
+            position: 1,
+            stream: AGGREGATE_STREAM.into(),
+            stream_version: 1,
+            event_id: [7; 16],
+            kind: KIND_AGGREGATE.into(),
+            timestamp_ms: 0,
+            payload,
+            prev_hash: [0; 32],
+            hash: [1; 32],
+        }
+    }
+
     #[test]
     fn an_aggregate_batch_folds_into_each_arm() {
         let agg = |arm: &str, samples| AggregatePayload {
@@ -439,17 +454,7 @@ mod tests {
         };
         let batch = AggregateBatch { arms: vec![agg("arm-001", 10), agg("arm-002", 4)] };
         let mut state = State::default();
-        state.apply(&Event {
-            position: 1,
-            stream: AGGREGATE_STREAM.into(),
-            stream_version: 1,
-            event_id: [7; 16],
-            kind: KIND_AGGREGATE.into(),
-            timestamp_ms: 0,
-            payload: serde_json::to_vec(&batch).unwrap(),
-            prev_hash: [0; 32],
-            hash: [1; 32],
-        });
+        state.apply(&aggregate_event(serde_json::to_vec(&batch).unwrap()));
         assert_eq!(state.arms["arm-001"].samples_aggregated, 10);
         assert_eq!(state.arms["arm-002"].aggregates, 1);
         assert!(!state.arms.contains_key(AGGREGATE_STREAM));
@@ -494,17 +499,7 @@ mod tests {
 
         // Folded on recovery like the first form.
         let mut state = State::default();
-        state.apply(&Event {
-            position: 1,
-            stream: AGGREGATE_STREAM.into(),
-            stream_version: 1,
-            event_id: [7; 16],
-            kind: KIND_AGGREGATE.into(),
-            timestamp_ms: 0,
-            payload,
-            prev_hash: [0; 32],
-            hash: [1; 32],
-        });
+        state.apply(&aggregate_event(payload));
         assert_eq!(state.arms["arm-150"].samples_aggregated, 1_810);
     }
 
