@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::error::ApiError;
@@ -97,10 +98,31 @@ async fn time_limit(req: Request, next: Next, timeout: Duration) -> Response {
 /// Binds `addr`, serves `app` until `shutdown` fires, then stops accepting and lets
 /// in-flight requests finish.
 pub async fn serve(addr: SocketAddr, app: Router, shutdown: Shutdown) -> anyhow::Result<()> {
+    serve_on(bind(addr).await?, app, shutdown).await
+}
+
+/// Binds the HTTP listener (for a service that must listen before `app` can do its work,
+/// e.g. to answer `/readyz` while it recovers).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
     tracing::info!(%addr, "http listening");
+    Ok(listener)
+}
+
+/// [`serve`] on a listener from [`bind`]. Every accepted connection has `TCP_NODELAY` set:
+/// a response is one write and leaves at once, never held for the client's delayed ACK.
+pub async fn serve_on(
+    listener: TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::warn!(%err, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await?;
     Ok(())
 }

@@ -293,17 +293,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         readiness.clone(),
         (&config.common).into(),
     );
-    let addr = config.common.http_addr;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
-    tracing::info!(%addr, "http listening");
-    let http_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.wait().await })
-            .await
-    });
+    let listener = service_kit::http::bind(config.common.http_addr).await?;
+    let server = tokio::spawn(service_kit::http::serve_on(listener, app, shutdown.clone()));
 
     let settings = config.settings();
     let opened = tokio::task::spawn_blocking(move || Controller::open(settings)).await??;
