@@ -6,7 +6,7 @@
 //! compacted below a cursor until the cursor falls [`OUTBOX_HOLD_EVENTS_MAX`] behind.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -117,19 +117,26 @@ async fn next_event(
 pub const CURSOR_STORE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An outbox cursor: always current in memory (compaction reads it), written to the index
-/// at most every [`CURSOR_STORE_INTERVAL`] and when the outbox stops.
+/// at most every [`CURSOR_STORE_INTERVAL`] and when the outbox stops. The periodic write runs
+/// on a blocking thread: an index write waits for redb's write lock, which the log's index
+/// thread holds for as long as it writes a flush or a checkpoint, and an outbox waiting on a
+/// tokio worker for it stalled plan updates behind it.
 struct Cursor<'a> {
     ctl: &'a Controller,
     name: &'static str,
     cell: &'a AtomicU64,
+    /// The last position handed to a write.
     stored: u64,
     stored_at: Instant,
+    /// Set while a background write is in flight (at most one at a time).
+    writing: Arc<AtomicBool>,
 }
 
 impl<'a> Cursor<'a> {
     fn new(ctl: &'a Controller, name: &'static str, cell: &'a AtomicU64, position: u64) -> Self {
         cell.store(position, Ordering::Relaxed);
-        Self { ctl, name, cell, stored: position, stored_at: Instant::now() }
+        let writing = Arc::new(AtomicBool::new(false));
+        Self { ctl, name, cell, stored: position, stored_at: Instant::now(), writing }
     }
 
     fn position(&self) -> u64 {
@@ -141,13 +148,34 @@ impl<'a> Cursor<'a> {
         let lag = self.ctl.log().head().position.saturating_sub(position);
         metrics::gauge!("keel_arm_outbox_lag_events", "outbox" => self.name).set(lag as f64);
         if self.stored_at.elapsed() >= CURSOR_STORE_INTERVAL {
-            self.store();
+            self.store_in_background();
         }
     }
 
-    fn store(&mut self) {
+    fn store_in_background(&mut self) {
         let position = self.position();
-        if position == self.stored {
+        if position == self.stored || self.writing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (log, name, writing) = (self.ctl.log().clone(), self.name, self.writing.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = log.set_cursor(name, position) {
+                tracing::warn!(outbox = name, error = %err, "cannot store the outbox cursor");
+            }
+            writing.store(false, Ordering::Release);
+        });
+        self.stored = position;
+        self.stored_at = Instant::now();
+    }
+
+    /// Writes the cursor now, after any background write (so the last write is the newest).
+    fn store(&mut self) {
+        let deadline = Instant::now() + CURSOR_STORE_INTERVAL;
+        while self.writing.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let position = self.position();
+        if position == self.stored && !self.writing.load(Ordering::Acquire) {
             return;
         }
         if let Err(err) = self.ctl.log().set_cursor(self.name, position) {
