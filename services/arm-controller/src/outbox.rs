@@ -119,8 +119,9 @@ pub const CURSOR_STORE_INTERVAL: Duration = Duration::from_secs(1);
 /// An outbox cursor: always current in memory (compaction reads it), written to the index
 /// at most every [`CURSOR_STORE_INTERVAL`] and when the outbox stops. The periodic write runs
 /// on a blocking thread: an index write waits for redb's write lock, which the log's index
-/// thread holds for as long as it writes a flush or a checkpoint, and an outbox waiting on a
-/// tokio worker for it stalled plan updates behind it.
+/// thread holds for as long as it writes a flush or a checkpoint, and an outbox waiting for it
+/// on a tokio worker holds up that worker's other tasks (plan updates among them; no effect on
+/// plan-ack latency was measurable in the A/B of BENCHMARKS, 2026-12-02).
 struct Cursor<'a> {
     ctl: &'a Controller,
     name: &'static str,
