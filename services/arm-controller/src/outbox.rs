@@ -5,8 +5,8 @@
 //! effect. While NATS is away nothing is lost: the log is the outbox, and it is not
 //! compacted below a cursor until the cursor falls [`OUTBOX_HOLD_EVENTS_MAX`] behind.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -131,13 +131,22 @@ struct Cursor<'a> {
     stored_at: Instant,
     /// Set while a background write is in flight (at most one at a time).
     writing: Arc<AtomicBool>,
+    /// The highest position written; held across each write, so writes never step back.
+    written: Arc<Mutex<u64>>,
 }
 
 impl<'a> Cursor<'a> {
     fn new(ctl: &'a Controller, name: &'static str, cell: &'a AtomicU64, position: u64) -> Self {
         cell.store(position, Ordering::Relaxed);
-        let writing = Arc::new(AtomicBool::new(false));
-        Self { ctl, name, cell, stored: position, stored_at: Instant::now(), writing }
+        Self {
+            ctl,
+            name,
+            cell,
+            stored: position,
+            stored_at: Instant::now(),
+            writing: Arc::new(AtomicBool::new(false)),
+            written: Arc::new(Mutex::new(position)),
+        }
     }
 
     fn position(&self) -> u64 {
@@ -158,33 +167,34 @@ impl<'a> Cursor<'a> {
         if position == self.stored || self.writing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (log, name, writing) = (self.ctl.log().clone(), self.name, self.writing.clone());
+        let (log, name) = (self.ctl.log().clone(), self.name);
+        let (writing, written) = (self.writing.clone(), self.written.clone());
         tokio::task::spawn_blocking(move || {
-            if let Err(err) = log.set_cursor(name, position) {
-                tracing::warn!(outbox = name, error = %err, "cannot store the outbox cursor");
-            }
+            write_cursor(&log, name, &written, position);
             writing.store(false, Ordering::Release);
         });
         self.stored = position;
         self.stored_at = Instant::now();
     }
 
-    /// Writes the cursor now, after any background write (so the last write is the newest).
+    /// Writes the cursor now (after a background write in flight, which it never undoes).
     fn store(&mut self) {
-        let deadline = Instant::now() + CURSOR_STORE_INTERVAL;
-        while self.writing.load(Ordering::Acquire) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let position = self.position();
-        if position == self.stored && !self.writing.load(Ordering::Acquire) {
-            return;
-        }
-        if let Err(err) = self.ctl.log().set_cursor(self.name, position) {
-            tracing::warn!(outbox = self.name, error = %err, "cannot store the outbox cursor");
-            return;
-        }
+        write_cursor(self.ctl.log(), self.name, &self.written, position);
         self.stored = position;
         self.stored_at = Instant::now();
+    }
+}
+
+/// Writes `position` as cursor `name` unless a write at or above it is already done.
+fn write_cursor(log: &event_log::EventLog, name: &str, written: &Mutex<u64>, position: u64) {
+    let mut done = written.lock().unwrap_or_else(|e| e.into_inner());
+    if position <= *done {
+        return;
+    }
+    match log.set_cursor(name, position) {
+        Ok(()) => *done = position,
+        Err(err) => tracing::warn!(outbox = name, error = %err, "cannot store the outbox cursor"),
     }
 }
 

@@ -75,6 +75,15 @@ async fn every_acknowledged_update_survives_sigkill() {
         .collect();
 
     for kill in 0..KILLS {
+        // Each life of the controller acknowledges something before it is killed, however
+        // slowly it comes up (connect, first safety heartbeat) on a loaded machine.
+        let before = acks.lock().unwrap().len();
+        testkit::wait_until("an acknowledged update since the last restart", support::WAIT, || {
+            let now = acks.lock().unwrap().len();
+            async move { (now > before).then_some(()) }
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(rng.random_range(30..300))).await;
         stack.svc.sigkill();
         let acked: HashMap<String, u64> =
