@@ -126,8 +126,7 @@ struct Cursor<'a> {
     ctl: &'a Controller,
     name: &'static str,
     cell: &'a AtomicU64,
-    /// The last position handed to a write.
-    stored: u64,
+    /// When the last write was started.
     stored_at: Instant,
     /// Set while a background write is in flight (at most one at a time).
     writing: Arc<AtomicBool>,
@@ -142,7 +141,6 @@ impl<'a> Cursor<'a> {
             ctl,
             name,
             cell,
-            stored: position,
             stored_at: Instant::now(),
             writing: Arc::new(AtomicBool::new(false)),
             written: Arc::new(Mutex::new(position)),
@@ -163,8 +161,13 @@ impl<'a> Cursor<'a> {
     }
 
     fn store_in_background(&mut self) {
+        if self.writing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let position = self.position();
-        if position == self.stored || self.writing.swap(true, Ordering::AcqRel) {
+        // No write is in flight, so the lock is free; a failed write is retried here.
+        if position <= *self.written.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.writing.store(false, Ordering::Release);
             return;
         }
         let (log, name) = (self.ctl.log().clone(), self.name);
@@ -173,7 +176,6 @@ impl<'a> Cursor<'a> {
             write_cursor(&log, name, &written, position);
             writing.store(false, Ordering::Release);
         });
-        self.stored = position;
         self.stored_at = Instant::now();
     }
 
@@ -181,7 +183,6 @@ impl<'a> Cursor<'a> {
     fn store(&mut self) {
         let position = self.position();
         write_cursor(self.ctl.log(), self.name, &self.written, position);
-        self.stored = position;
         self.stored_at = Instant::now();
     }
 }
