@@ -34,6 +34,9 @@ use crate::writer::{Command, Writer, WriterInit};
 pub const INDEX_FILE_NAME: &str = "index.redb";
 /// Bytes after a torn tail that are zeroed on open: everything an unsynced window can have
 /// touched (unsynced bytes, plus one group commit, plus one batch).
+/// What the open's scrub of the torn tail reads at a time (a multiple of `ZERO_CHUNK_BYTES`).
+const SCRUB_READ_BYTES: usize = 256 * 1024;
+
 pub(crate) fn scrub_window_bytes(options: &Options) -> u64 {
     MAX_UNSYNCED_BYTES + (options.max_group_bytes + 2 * options.max_batch_bytes) as u64
 }
@@ -290,8 +293,15 @@ impl EventLog {
         let lock = lock_dir(vfs.as_ref(), &dir)?;
         let recovered = recover(vfs.as_ref(), &dir, &options)?;
         let (tx, rx) = mpsc::sync_channel(options.queue_depth);
-        let Recovered { db, dedup_chunks, segments, head, writer_init } = recovered;
-        let head_position = head.position;
+        let Recovered {
+            db,
+            dedup_chunks,
+            segments,
+            head,
+            unindexed,
+            indexed_position,
+            writer_init,
+        } = recovered;
         let shared = Arc::new(Shared {
             vfs,
             dir,
@@ -300,8 +310,8 @@ impl EventLog {
             head: Mutex::new(head),
             head_changed: Condvar::new(),
             db,
-            unindexed: Mutex::new(HashMap::new()),
-            indexed_position: AtomicU64::new(head_position),
+            unindexed: Mutex::new(unindexed),
+            indexed_position: AtomicU64::new(indexed_position),
             index_error: Mutex::new(None),
             append_notifier: Arc::new(Notifier::default()),
             stats: Counters { dedup_chunks: AtomicU64::new(dedup_chunks), ..Counters::default() },
@@ -752,6 +762,10 @@ struct Recovered {
     dedup_chunks: u64,
     segments: Vec<Arc<Segment>>,
     head: HeadState,
+    /// The tail's stream versions and positions, for reads until the index holds them.
+    unindexed: HashMap<String, VecDeque<(u64, u64)>>,
+    /// The position the index covers (the checkpoint found on open).
+    indexed_position: u64,
     writer_init: WriterInit,
 }
 
@@ -848,9 +862,16 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         }
     };
     let checkpoint_position = position;
+    let indexed = Checkpoint {
+        position,
+        hash,
+        segment_first: segments.get(seg_idx).map_or(0, |s| s.header.first_position),
+        next_offset: offset,
+    };
 
     // Scan the tail; keep only whole batches.
     let mut entries: Vec<IndexEntry> = Vec::new();
+    let mut hashes: Vec<Hash> = Vec::new();
     let mut complete = (seg_idx, offset, position, hash, 0usize);
     let mut damaged_at: Option<(u64, &'static str)> = None;
     while seg_idx < segments.len() {
@@ -885,6 +906,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
                         event_id: event.event_id,
                         locator,
                     });
+                    hashes.push(hash);
                     if raw.decoded.flags & FLAG_BATCH_CONTINUES == 0 {
                         complete = (seg_idx, offset, position, hash, entries.len());
                     }
@@ -915,6 +937,7 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     }
     let (cut_idx, cut_offset, head_position, head_hash, keep) = complete;
     entries.truncate(keep);
+    hashes.truncate(keep);
     if let Some((at, reason)) = damaged_at {
         if at <= checkpoint_position {
             return Err(Error::Corrupt { position: at, reason: reason.to_owned() });
@@ -923,14 +946,14 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     }
 
     // Cut: zero what lies after the last whole batch, drop later segments.
-    let mut changed = false;
     if !segments.is_empty() {
+        let mut removed = false;
         for later in segments.drain(cut_idx + 1..) {
             warn!(path = %later.path.display(), "removing segment after the torn tail");
             vfs.remove(&later.path).map_err(io("remove segment"))?;
-            changed = true;
+            removed = true;
         }
-        if changed {
+        if removed {
             vfs.sync_dir(dir).map_err(io("sync log directory"))?;
         }
         let active = &segments[cut_idx];
@@ -938,29 +961,33 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         // After a clean close with nothing past the checkpoint, the tail is known to be zeros.
         let known_clean = clean && damaged_at.is_none() && head_position == checkpoint_position;
         if end > cut_offset && !known_clean {
-            let mut buf = vec![0u8; (end - cut_offset) as usize];
-            active.file.read_exact_at(&mut buf, cut_offset).map_err(io("read tail"))?;
+            // Read in pieces through one buffer (one large buffer costs a page fault per page).
+            let mut buf = vec![0u8; SCRUB_READ_BYTES.min((end - cut_offset) as usize)];
             // Zero only the pages that hold anything (page-sized writes; see ZERO_CHUNK_BYTES).
             let zeros = [0u8; ZERO_CHUNK_BYTES];
             let mut zeroed = false;
-            for (i, chunk) in buf.chunks(ZERO_CHUNK_BYTES).enumerate() {
-                if chunk.iter().any(|&b| b != 0) {
-                    let at = cut_offset + (i * ZERO_CHUNK_BYTES) as u64;
-                    active
-                        .file
-                        .write_all_at(&zeros[..chunk.len()], at)
-                        .map_err(io("zero torn tail"))?;
-                    zeroed = true;
+            let mut at = cut_offset;
+            while at < end {
+                let piece = &mut buf[..SCRUB_READ_BYTES.min((end - at) as usize)];
+                active.file.read_exact_at(piece, at).map_err(io("read tail"))?;
+                for (i, chunk) in piece.chunks(ZERO_CHUNK_BYTES).enumerate() {
+                    if chunk.iter().any(|&b| b != 0) {
+                        active
+                            .file
+                            .write_all_at(&zeros[..chunk.len()], at + (i * ZERO_CHUNK_BYTES) as u64)
+                            .map_err(io("zero torn tail"))?;
+                        zeroed = true;
+                    }
                 }
+                at += piece.len() as u64;
             }
             if zeroed {
                 active.file.sync_data().map_err(io("sync segment"))?;
-                changed = true;
             }
         }
     }
 
-    // Bring the index up to the cut.
+    // The durable head (what the writer continues from).
     let first_position = segments.first().map_or(1, |s| s.header.first_position);
     let anchor_hash = segments.first().map_or(GENESIS_HASH, |s| s.header.prev_hash);
     let active_first = segments.get(cut_idx).map_or(head_position + 1, |s| s.header.first_position);
@@ -970,16 +997,10 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         segment_first: active_first,
         next_offset: cut_offset,
     };
-    if !entries.is_empty() || changed {
-        index::write_batch(
-            &db,
-            &entries,
-            &checkpoint,
-            true,
-            crate::writer::now_ms(),
-            &index::Prune::NOTHING,
-        )?;
-    }
+    // The tail goes to the index thread with the writer's first flush, off the open path:
+    // until then reads find it in `unindexed` and the dedup check in the writer's recent ids.
+    // The index's checkpoint stays where it was until that write is durable; a crash before
+    // it only means the same tail is scanned again.
     let mut streams = HashMap::new();
     let max_id_key;
     let dedup_chunks;
@@ -1000,6 +1021,15 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
             streams.insert(k.value().to_owned(), v.value());
         }
     }
+    let mut unindexed: HashMap<String, VecDeque<(u64, u64)>> = HashMap::new();
+    for entry in &entries {
+        let version = streams.entry(entry.stream.clone()).or_insert(0);
+        *version = (*version).max(entry.stream_version);
+        unindexed
+            .entry(entry.stream.clone())
+            .or_default()
+            .push_back((entry.stream_version, entry.position));
+    }
     let log_bytes = segments
         .iter()
         .enumerate()
@@ -1015,19 +1045,24 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         wakers: Vec::new(),
     };
     let active = segments.get(cut_idx).cloned();
+    let indexed_position = if entries.is_empty() { head_position } else { checkpoint_position };
     Ok(Recovered {
         db,
         dedup_chunks,
         head,
+        unindexed,
+        indexed_position,
         writer_init: WriterInit {
             active,
             write_offset: cut_offset,
             position: head_position,
             hash: head_hash,
             streams,
+            indexed: if entries.is_empty() { checkpoint } else { indexed },
             checkpoint,
             sealed_bytes: log_bytes - if segments.is_empty() { 0 } else { cut_offset },
             max_id_key,
+            tail: entries.into_iter().zip(hashes).collect(),
         },
         segments,
     })

@@ -48,10 +48,15 @@ pub(crate) struct WriterInit {
     pub position: u64,
     pub hash: Hash,
     pub streams: HashMap<String, u64>,
+    /// The durable head.
     pub checkpoint: Checkpoint,
+    /// What the index covers (the durable head when `tail` is empty).
+    pub indexed: Checkpoint,
     pub sealed_bytes: u64,
     /// The largest event id key in the log (an id above it cannot be a duplicate).
     pub max_id_key: u128,
+    /// The durable events past `indexed`, with their hashes: indexed by the first flush.
+    pub tail: Vec<(IndexEntry, Hash)>,
 }
 
 #[derive(Debug)]
@@ -183,6 +188,24 @@ impl Writer {
             .name("event-log-index".into())
             .spawn(move || run_indexer(index_shared, index_rx))
             .ok();
+        let mut recent_ids = HashMap::with_capacity(init.tail.len());
+        let mut recent_order = VecDeque::with_capacity(init.tail.len());
+        let mut pending_index = Vec::with_capacity(init.tail.len());
+        for (entry, hash) in init.tail {
+            let appended =
+                Appended { position: entry.position, stream_version: entry.stream_version, hash };
+            recent_ids.insert(entry.event_id, appended);
+            recent_order.push_back((entry.event_id, entry.position));
+            pending_index.push(entry);
+        }
+        // A recovered tail goes into a durable checkpoint at once (off the open path), as the
+        // open itself used to write it: after a crash redb reopens fast only from a durable
+        // commit (one that saved its allocator state), not from later non-durable ones.
+        let events_since_checkpoint = if pending_index.is_empty() {
+            0
+        } else {
+            shared.options.checkpoint_events.max(pending_index.len() as u64)
+        };
         Self {
             shared,
             rx,
@@ -192,8 +215,8 @@ impl Writer {
             position: init.position,
             hash: init.hash,
             streams: init.streams,
-            recent_ids: HashMap::new(),
-            recent_order: VecDeque::new(),
+            recent_ids,
+            recent_order,
             max_id_key: init.max_id_key,
             id_index: None,
             index_tx: Some(index_tx),
@@ -205,12 +228,12 @@ impl Writer {
             released_appends: 0,
             released_at: now,
             sync_deadline: None,
-            pending_index: Vec::new(),
+            pending_index,
             durable: init.checkpoint,
-            indexed: init.checkpoint,
+            indexed: init.indexed,
             last_index_write: now,
             last_checkpoint: now,
-            events_since_checkpoint: 0,
+            events_since_checkpoint,
             prune_streams_below: None,
             prealloc: None,
             spare: None,
@@ -389,6 +412,9 @@ impl Writer {
             }
             if self.durable.position != self.indexed.position || !self.pending_index.is_empty() {
                 consider(self.last_checkpoint + options.checkpoint_interval);
+                if self.events_since_checkpoint >= options.checkpoint_events {
+                    consider(Instant::now());
+                }
             }
         }
         next
