@@ -193,6 +193,14 @@ def main():
                 break
             time.sleep(0.2)
         sim_out.close()
+        # The controller's own view at the end: sample -> live-state lag (a summary with
+        # quantiles), samples counted.
+        controller_metrics = {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(("keel_arm_sensor_lag_seconds", "keel_arm_sensor_samples")):
+                    key, _, value = line.rpartition(" ")
+                    controller_metrics[key] = float(value)
         with open(os.path.join(base, "arm-sim.json")) as f:
             text = f.read()
         try:
@@ -222,11 +230,13 @@ def main():
             "device_bytes_per_day": (disk[-1]["device_bytes"] - disk[0]["device_bytes"]) * per_day,
             "cpu_fraction": (disk[-1]["cpu_s"] - disk[0]["cpu_s"]) / span,
         })
+    print(json.dumps(controller_metrics, indent=1))
     print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "samples": samples, "sim": sim_report,
-                       "summary": summary}, f, indent=1)
+                       "controller_metrics": controller_metrics, "summary": summary}, f,
+                      indent=1)
     if not args.dir:
         shutil.rmtree(base, ignore_errors=True)
 
