@@ -27,13 +27,9 @@ import sys
 import tempfile
 import time
 
+from bench_common import free_port, wait_until
+
 POLL_S = 0.0005
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port, path, timeout_s=1.0):
@@ -44,18 +40,6 @@ def get(port, path, timeout_s=1.0):
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def wait_until(what, check, timeout_s, poll_s=0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(poll_s)
-    sys.exit(f"timed out waiting for {what}")
 
 
 def metric_values(port):

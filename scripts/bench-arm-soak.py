@@ -27,26 +27,10 @@ import tempfile
 import time
 import urllib.request
 
+from bench_common import free_port, wait_until
+
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 SECTOR_BYTES = 512
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, check, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    sys.exit(f"timed out waiting for {what}")
 
 
 def http_ok(url):
@@ -193,20 +177,32 @@ def main():
                 break
             time.sleep(0.2)
         sim_out.close()
-        # The controller's own view at the end: sample -> live-state lag (a summary with
-        # quantiles), samples counted.
-        controller_metrics = {}
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(("keel_arm_sensor_lag_seconds", "keel_arm_sensor_samples")):
-                    key, _, value = line.rpartition(" ")
-                    controller_metrics[key] = float(value)
         with open(os.path.join(base, "arm-sim.json")) as f:
             text = f.read()
         try:
             sim_report = json.loads(text)
         except ValueError:
             sim_report = {"unparsed": text[-2000:]}
+        # The controller's own view at the end: sample -> live-state lag (a summary with
+        # quantiles) and samples counted, once the count has caught up with what arm-sim sent
+        # (the last frames are still in flight when arm-sim exits) or after 5 s.
+        sent = sim_report.get("sensors", {}).get("samples_sent", 0)
+        controller_metrics = {}
+
+        def caught_up():
+            controller_metrics.clear()
+            url = f"http://127.0.0.1:{http_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith(("keel_arm_sensor_lag_seconds",
+                                        "keel_arm_sensor_samples")):
+                        key, _, value = line.rpartition(" ")
+                        controller_metrics[key] = float(value)
+            return controller_metrics.get("keel_arm_sensor_samples_total", 0) >= sent
+
+        deadline = time.monotonic() + 5
+        while not caught_up() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         stop_all()
 

@@ -9,7 +9,8 @@ use crate::readiness::{ComponentState, Readiness, Role};
 
 /// Name of the readiness component fed by the connection.
 pub const COMPONENT: &str = "nats";
-/// First reconnect delay; doubles per attempt up to [`RECONNECT_DELAY_MS_MAX`].
+/// Delay before the second connection attempt; doubles per attempt up to
+/// [`RECONNECT_DELAY_MS_MAX`] (the first attempt is not delayed).
 pub const RECONNECT_DELAY_MS_MIN: u64 = 50;
 /// Longest wait between reconnect attempts.
 pub const RECONNECT_DELAY_MS_MAX: u64 = 2_000;
@@ -28,9 +29,15 @@ pub async fn flush_on_exit(client: &async_nats::Client) {
     }
 }
 
-/// Reconnect delay after `attempts` failed attempts.
+/// Delay before connection attempt number `attempts` (async-nats counts from 1, and asks
+/// before the very first attempt too): none for the first, then doubling from
+/// `RECONNECT_DELAY_MS_MIN` up to `RECONNECT_DELAY_MS_MAX`. (Delaying the first attempt
+/// held every start's NATS connection back by 100 ms.)
 pub fn backoff(attempts: usize) -> Duration {
-    let exp = attempts.min(16) as u32;
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (attempts - 2).min(16) as u32;
     Duration::from_millis(
         RECONNECT_DELAY_MS_MIN.saturating_mul(1 << exp).min(RECONNECT_DELAY_MS_MAX),
     )
@@ -82,8 +89,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(0), Duration::from_millis(50));
-        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_millis(RECONNECT_DELAY_MS_MIN));
+        assert_eq!(backoff(3), Duration::from_millis(2 * RECONNECT_DELAY_MS_MIN));
         assert_eq!(backoff(100), Duration::from_millis(RECONNECT_DELAY_MS_MAX));
     }
 }

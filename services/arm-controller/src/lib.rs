@@ -275,8 +275,8 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
     }
 }
 
-/// Runs the service until `shutdown` fires: binds HTTP (503 until recovered), recovers the
-/// state (snapshot + log tail), starts the NATS handlers, outboxes, watchdog and snapshot
+/// Runs the service until `shutdown` fires: recovers the state (snapshot + log tail) on a
+/// blocking thread while it binds HTTP (503 until recovered), then starts the NATS handlers, outboxes, watchdog and snapshot
 /// thread, then turns `recovered` ok. On shutdown: stops taking requests, lets in-flight
 /// commits finish, stops the tasks, takes a last snapshot and closes the log.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -284,6 +284,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let readiness = Readiness::new();
     readiness.register("recovered", Role::Gating);
     readiness.register("safety", Role::Degrading);
+    // Recovery first: it needs neither NATS nor the listener, and nothing else on the way to
+    // `/readyz` should add to it.
+    let settings = config.settings();
+    let opening = tokio::task::spawn_blocking(move || Controller::open(settings));
     let client =
         service_kit::nats::connect(&config.common.nats_url, &config.common.node_id, &readiness)
             .await?;
@@ -296,8 +300,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let listener = service_kit::http::bind(config.common.http_addr).await?;
     let server = tokio::spawn(service_kit::http::serve_on(listener, app, shutdown.clone()));
 
-    let settings = config.settings();
-    let opened = tokio::task::spawn_blocking(move || Controller::open(settings)).await??;
+    let opened = opening.await??;
     let ctl = opened.controller.clone();
     let report = &opened.report;
     metrics::gauge!("keel_arm_recovery_seconds").set(report.elapsed.as_secs_f64());

@@ -327,7 +327,7 @@ impl Engine {
                 }
             }
             attempt += 1;
-            tokio::time::sleep(service_kit::nats::backoff(attempt)).await;
+            tokio::time::sleep(service_kit::nats::backoff(attempt + 1)).await;
         }
     }
 
