@@ -32,11 +32,11 @@ use crate::writer::{Command, Writer, WriterInit};
 
 /// Name of the redb index file inside the log directory.
 pub const INDEX_FILE_NAME: &str = "index.redb";
-/// Bytes after a torn tail that are zeroed on open: everything an unsynced window can have
-/// touched (unsynced bytes, plus one group commit, plus one batch).
 /// What the open's scrub of the torn tail reads at a time (a multiple of `ZERO_CHUNK_BYTES`).
 const SCRUB_READ_BYTES: usize = 256 * 1024;
 
+/// Bytes after a torn tail that are zeroed on open: everything an unsynced window can have
+/// touched (unsynced bytes, plus one group commit, plus one batch).
 pub(crate) fn scrub_window_bytes(options: &Options) -> u64 {
     MAX_UNSYNCED_BYTES + (options.max_group_bytes + 2 * options.max_batch_bytes) as u64
 }
