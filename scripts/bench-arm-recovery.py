@@ -21,13 +21,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench_common import free_port, wait_until
+from bench_common import free_port, start_nats, wait_until
 
 POLL_S = 0.0005
 
@@ -87,13 +86,10 @@ def main():
     print(fill.stdout.strip(), flush=True)
     nats_port = free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
-    nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js",
-                             "-sd", os.path.join(base, "nats")], stdout=logs, stderr=logs)
+    nats = start_nats(nats_port, os.path.join(base, "nats"), logs)
     trials = []
     ctl = sim = None
     try:
-        wait_until("nats-server", lambda: socket.create_connection(
-            ("127.0.0.1", nats_port), timeout=1).close() or True, 10)
         for trial in range(args.trials):
             port = free_port()
             started = time.monotonic()

@@ -20,14 +20,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-from bench_common import free_port, wait_until
+from bench_common import free_port, start_nats, wait_until
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 SECTOR_BYTES = 512
@@ -132,12 +131,7 @@ def main():
                 p.kill()
 
     try:
-        nats = subprocess.Popen(
-            ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd",
-             args.nats_dir or os.path.join(base, "nats")], stdout=logs, stderr=logs)
-        procs.append(nats)
-        wait_until("nats-server", lambda: socket.create_connection(
-            ("127.0.0.1", nats_port), timeout=1).close() or True, 10)
+        procs.append(start_nats(nats_port, args.nats_dir or os.path.join(base, "nats"), logs))
         ctl = subprocess.Popen(
             [os.path.join(args.bin_dir, "arm-controller"), "--node-id", "soak",
              "--arm-count", str(args.arms), "--http-addr", f"127.0.0.1:{http_port}",

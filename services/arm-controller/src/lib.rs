@@ -276,8 +276,9 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
 }
 
 /// Runs the service until `shutdown` fires: recovers the state (snapshot + log tail) on a
-/// blocking thread while it binds HTTP (503 until recovered), then starts the NATS handlers, outboxes, watchdog and snapshot
-/// thread, then turns `recovered` ok. On shutdown: stops taking requests, lets in-flight
+/// blocking thread while it connects to NATS and binds HTTP (503 until recovered), then
+/// starts the NATS handlers, outboxes, watchdog and snapshot thread, and turns `recovered`
+/// ok. On shutdown: stops taking requests, lets in-flight
 /// commits finish, stops the tasks, takes a last snapshot and closes the log.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let started = Instant::now();
