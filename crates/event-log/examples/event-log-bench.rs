@@ -67,6 +67,10 @@ fn parse_args() -> Args {
             "--single-events" => args.single_events = value().parse().expect("number"),
             "--per-writer-events" => args.per_writer_events = value().parse().expect("number"),
             "--no-nats" => args.nats = false,
+            "--checkpoint-events" => {
+                let n = value().parse().expect("number");
+                CHECKPOINT_EVENTS.set(n).expect("--checkpoint-events given once");
+            }
             "--steady-secs" => args.steady_secs = value().parse().expect("number"),
             "--steady-warmup-secs" => args.steady_warmup_secs = value().parse().expect("number"),
             "--steady-compact-every-ms" => {
@@ -253,10 +257,19 @@ fn request(n: u64, stream: &str) -> AppendRequest {
     AppendRequest::new(stream, id, "sample", vec![0x42u8; PAYLOAD_BYTES])
 }
 
+/// `--checkpoint-events`: the log's events between durable index checkpoints, if not the
+/// default.
+static CHECKPOINT_EVENTS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn bench_options() -> Options {
     // Inline preallocation: the segment is made (and its zeros written) before measuring; a
     // background preallocation of the next segment would otherwise land inside the window.
-    Options { background_preallocation: false, ..Options::default() }
+    let defaults = Options::default();
+    Options {
+        background_preallocation: false,
+        checkpoint_events: *CHECKPOINT_EVENTS.get().unwrap_or(&defaults.checkpoint_events),
+        ..defaults
+    }
 }
 
 fn open_log(dir: &Path, name: &str) -> EventLog {
@@ -501,6 +514,7 @@ fn steady(
         "group_commits": stats.group_commits - stats_before.group_commits,
         "index_writes": stats.index_writes - stats_before.index_writes,
         "checkpoints": stats.checkpoints - stats_before.checkpoints,
+        "tail_waits": stats.tail_waits - stats_before.tail_waits,
         "compactions": compactions,
         "segments_zero_filled": stats.segments_zero_filled - stats_before.segments_zero_filled,
         "segments_reused": stats.segments_reused - stats_before.segments_reused,
@@ -829,6 +843,7 @@ fn main() {
         );
     }
     let out = json!({
+        "checkpoint_events": bench_options().checkpoint_events,
         "floor": fj,
         "floor_again": f_again.json(),
         "single_writer": single.json(),

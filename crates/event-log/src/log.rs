@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     pub unindexed: Mutex<HashMap<String, VecDeque<(u64, u64)>>>,
     /// Every event up to this position is in redb.
     pub indexed_position: AtomicU64,
+    /// Every event up to this position is in a durable redb checkpoint: what an open after a
+    /// crash starts its scan from.
+    pub checkpointed_position: AtomicU64,
     /// Set when an index write failed (the writer then fails the log).
     pub index_error: Mutex<Option<String>>,
     /// Wakes the threads blocked on appends, once per group commit.
@@ -87,6 +90,8 @@ pub(crate) struct Counters {
     pub events: AtomicU64,
     pub index_writes: AtomicU64,
     pub checkpoints: AtomicU64,
+    pub tail_waits: AtomicU64,
+    pub tail_events_at_open: AtomicU64,
     pub segments_zero_filled: AtomicU64,
     pub segments_reused: AtomicU64,
     pub segments_recycled: AtomicU64,
@@ -104,6 +109,12 @@ pub struct Stats {
     pub index_writes: u64,
     /// Durable index checkpoints.
     pub checkpoints: u64,
+    /// Times the writer waited for a durable checkpoint because the events past the last one
+    /// reached `2 × checkpoint_events` (see [`crate::Options::checkpoint_events`]).
+    pub tail_waits: u64,
+    /// Events past the index's durable checkpoint that the open scanned and kept (0 after a
+    /// clean close; after a crash, bounded through `tail_waits`).
+    pub tail_events_at_open: u64,
     /// Segments started in a file made by writing zeros.
     pub segments_zero_filled: u64,
     /// Segments started in a file that needed no zeros (a recycled segment, or one left from
@@ -181,8 +192,8 @@ impl Shared {
                 }
                 let at = reader.offset();
                 match reader.next_record(position).map_err(io("read segment"))? {
-                    Ok(raw) => {
-                        let mut event = raw.decoded.event;
+                    Ok(decoded) => {
+                        let mut event = decoded.event;
                         event.prev_hash = prev_hash;
                         // Positions are not stored: the first record read from a remembered
                         // offset must continue the chain (later ones follow it by framing and CRC).
@@ -312,14 +323,20 @@ impl EventLog {
             db,
             unindexed: Mutex::new(unindexed),
             indexed_position: AtomicU64::new(indexed_position),
+            checkpointed_position: AtomicU64::new(indexed_position),
             index_error: Mutex::new(None),
             append_notifier: Arc::new(Notifier::default()),
-            stats: Counters { dedup_chunks: AtomicU64::new(dedup_chunks), ..Counters::default() },
+            stats: Counters {
+                dedup_chunks: AtomicU64::new(dedup_chunks),
+                tail_events_at_open: AtomicU64::new(writer_init.tail.len() as u64),
+                ..Counters::default()
+            },
             _lock: lock,
         });
         info!(
             dir = %shared.dir.display(),
             head = shared.head().position,
+            tail_events = shared.stats.tail_events_at_open.load(Ordering::Relaxed),
             elapsed_us = started.elapsed().as_micros() as u64,
             "event log opened"
         );
@@ -424,6 +441,8 @@ impl EventLog {
             events: c.events.load(Ordering::Relaxed),
             index_writes: c.index_writes.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            tail_waits: c.tail_waits.load(Ordering::Relaxed),
+            tail_events_at_open: c.tail_events_at_open.load(Ordering::Relaxed),
             segments_zero_filled: c.segments_zero_filled.load(Ordering::Relaxed),
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
             segments_recycled: c.segments_recycled.load(Ordering::Relaxed),
@@ -569,7 +588,7 @@ impl EventLog {
         );
         for p in entry.position..position {
             reader
-                .next_record(p)
+                .next_view()
                 .map_err(io("read segment"))?
                 .map_err(|_| Error::Corrupt { position: p, reason: "unreadable".into() })?;
         }
@@ -706,8 +725,8 @@ fn verify(shared: &Shared) -> Result<VerifyReport> {
         );
         while position <= head.position {
             match reader.next_record(position).map_err(io("read segment"))? {
-                Ok(raw) => {
-                    let mut event = raw.decoded.event;
+                Ok(decoded) => {
+                    let mut event = decoded.event;
                     event.prev_hash = prev_hash;
                     if event.compute_hash() != event.hash {
                         bad(&mut report, position, "hash mismatch".into());
@@ -874,40 +893,47 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     let mut hashes: Vec<Hash> = Vec::new();
     let mut complete = (seg_idx, offset, position, hash, 0usize);
     let mut damaged_at: Option<(u64, &'static str)> = None;
+    // Record starts for the segments' sparse indexes, so reads of the tail start near their
+    // record rather than at the checkpoint (kept once the cut is known).
+    let mut sparse: Vec<(usize, SparseEntry)> = Vec::new();
     while seg_idx < segments.len() {
         let segment = &segments[seg_idx];
         let mut reader =
             SegmentReader::new(segment.file.as_ref(), offset, segment.len_bytes, max_body);
         loop {
             let at = reader.offset();
-            match reader.next_record(position + 1).map_err(io("read segment"))? {
-                Ok(raw) => {
-                    let mut event = raw.decoded.event;
-                    event.prev_hash = hash;
-                    let locator = event
-                        .position
-                        .is_multiple_of(index::OFFSET_INDEX_EVERY_EVENTS)
-                        .then_some(index::Locator {
+            match reader.next_view().map_err(io("read segment"))? {
+                Ok((view, next_offset)) => {
+                    let next = position + 1;
+                    if view.expected_hash(&hash, next) != view.hash {
+                        damaged_at = Some((next, "record does not continue the chain"));
+                        break;
+                    }
+                    let locator = next.is_multiple_of(index::OFFSET_INDEX_EVERY_EVENTS).then_some(
+                        index::Locator {
                             segment_first: segment.header.first_position,
                             offset: at,
                             prev_hash: hash,
-                        });
-                    if event.position != position + 1 || event.compute_hash() != event.hash {
-                        damaged_at = Some((position + 1, "record does not continue the chain"));
-                        break;
+                        },
+                    );
+                    if (next - segment.header.first_position).is_multiple_of(SPARSE_EVERY_EVENTS) {
+                        sparse.push((
+                            seg_idx,
+                            SparseEntry { position: next, offset: at, prev_hash: hash },
+                        ));
                     }
-                    position = event.position;
-                    hash = event.hash;
-                    offset = raw.next_offset;
+                    position = next;
+                    hash = view.hash;
+                    offset = next_offset;
                     entries.push(IndexEntry {
                         position,
-                        stream: event.stream,
-                        stream_version: event.stream_version,
-                        event_id: event.event_id,
+                        stream: view.stream.to_owned(),
+                        stream_version: view.stream_version,
+                        event_id: view.event_id,
                         locator,
                     });
                     hashes.push(hash);
-                    if raw.decoded.flags & FLAG_BATCH_CONTINUES == 0 {
+                    if view.flags & FLAG_BATCH_CONTINUES == 0 {
                         complete = (seg_idx, offset, position, hash, entries.len());
                     }
                 }
@@ -938,6 +964,11 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
     let (cut_idx, cut_offset, head_position, head_hash, keep) = complete;
     entries.truncate(keep);
     hashes.truncate(keep);
+    for (i, entry) in sparse {
+        if entry.position <= head_position {
+            segments[i].note(entry);
+        }
+    }
     if let Some((at, reason)) = damaged_at {
         if at <= checkpoint_position {
             return Err(Error::Corrupt { position: at, reason: reason.to_owned() });
@@ -1022,13 +1053,21 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
         }
     }
     let mut unindexed: HashMap<String, VecDeque<(u64, u64)>> = HashMap::new();
+    // Looked up before inserting: a stream name is cloned once, not once per event.
     for entry in &entries {
-        let version = streams.entry(entry.stream.clone()).or_insert(0);
-        *version = (*version).max(entry.stream_version);
-        unindexed
-            .entry(entry.stream.clone())
-            .or_default()
-            .push_back((entry.stream_version, entry.position));
+        match streams.get_mut(entry.stream.as_str()) {
+            Some(version) => *version = (*version).max(entry.stream_version),
+            None => {
+                streams.insert(entry.stream.clone(), entry.stream_version);
+            }
+        }
+        let item = (entry.stream_version, entry.position);
+        match unindexed.get_mut(entry.stream.as_str()) {
+            Some(queue) => queue.push_back(item),
+            None => {
+                unindexed.insert(entry.stream.clone(), VecDeque::from([item]));
+            }
+        }
     }
     let log_bytes = segments
         .iter()
@@ -1062,7 +1101,8 @@ fn recover(vfs: &dyn Vfs, dir: &Path, options: &Options) -> Result<Recovered> {
             checkpoint,
             sealed_bytes: log_bytes - if segments.is_empty() { 0 } else { cut_offset },
             max_id_key,
-            tail: entries.into_iter().zip(hashes).collect(),
+            tail: entries,
+            tail_hashes: hashes,
         },
         segments,
     })

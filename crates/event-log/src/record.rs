@@ -236,40 +236,79 @@ pub struct DecodedRecord {
     pub flags: u8,
 }
 
-/// Decodes a record body whose CRC has been checked, at `position` (the place of the record in
-/// its segment: the segment's first position plus the records before it); `None` if it is
-/// malformed.
-pub fn decode_body(body: &[u8], position: u64) -> Option<DecodedRecord> {
+/// A record body decoded in place: its fields borrow the bytes read (the recovery scan reads
+/// every record of the tail, and allocates only what it keeps).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub stream_version: u64,
+    pub timestamp_ms: u64,
+    pub event_id: [u8; 16],
+    pub flags: u8,
+    pub stream: &'a str,
+    pub kind: &'a str,
+    pub payload: &'a [u8],
+    pub hash: Hash,
+}
+
+impl RecordView<'_> {
+    /// The hash this record must have at `position` after a record hashed `prev_hash`.
+    pub fn expected_hash(&self, prev_hash: &Hash, position: u64) -> Hash {
+        event_hash(
+            prev_hash,
+            position,
+            self.stream,
+            self.stream_version,
+            &self.event_id,
+            self.kind,
+            self.timestamp_ms,
+            self.payload,
+        )
+    }
+
+    /// The owned event at `position` (its `prev_hash` zeroed; the caller fills it in).
+    pub fn to_record(&self, position: u64) -> DecodedRecord {
+        DecodedRecord {
+            event: Event {
+                position,
+                stream: self.stream.to_owned(),
+                stream_version: self.stream_version,
+                event_id: self.event_id,
+                kind: self.kind.to_owned(),
+                timestamp_ms: self.timestamp_ms,
+                payload: self.payload.to_vec(),
+                prev_hash: GENESIS_HASH,
+                hash: self.hash,
+            },
+            flags: self.flags,
+        }
+    }
+}
+
+/// Decodes a record body whose CRC has been checked, in place; `None` if it is malformed.
+pub fn decode_view(body: &[u8]) -> Option<RecordView<'_>> {
     let mut r = Cursor { body, at: 0 };
     let stream_version = r.varint()?;
     let timestamp_ms = r.varint()?;
     let event_id: [u8; 16] = r.take(16)?.try_into().ok()?;
     let flags = r.take(1)?[0];
     let stream_len = r.take(1)?[0] as usize;
-    let stream = std::str::from_utf8(r.take(stream_len)?).ok()?.to_owned();
+    let stream = std::str::from_utf8(r.take(stream_len)?).ok()?;
     let kind_len = r.take(1)?[0] as usize;
-    let kind = std::str::from_utf8(r.take(kind_len)?).ok()?.to_owned();
+    let kind = std::str::from_utf8(r.take(kind_len)?).ok()?;
     let payload_len = usize::try_from(r.varint()?).ok()?;
-    let payload = r.take(payload_len)?.to_vec();
+    let payload = r.take(payload_len)?;
     let hash: Hash = r.take(32)?.try_into().ok()?;
-    let at = r.at;
-    if at != body.len() {
+    if r.at != body.len() {
         return None;
     }
-    Some(DecodedRecord {
-        event: Event {
-            position,
-            stream,
-            stream_version,
-            event_id,
-            kind,
-            timestamp_ms,
-            payload,
-            prev_hash: GENESIS_HASH,
-            hash,
-        },
-        flags,
-    })
+    Some(RecordView { stream_version, timestamp_ms, event_id, flags, stream, kind, payload, hash })
+}
+
+/// Decodes a record body whose CRC has been checked, at `position` (the place of the record in
+/// its segment: the segment's first position plus the records before it); `None` if it is
+/// malformed.
+pub fn decode_body(body: &[u8], position: u64) -> Option<DecodedRecord> {
+    decode_view(body).map(|view| view.to_record(position))
 }
 
 struct Cursor<'a> {

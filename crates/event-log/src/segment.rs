@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::record::{
-    self, DecodedRecord, Hash, Prefix, RECORD_PREFIX_BYTES, SEGMENT_HEADER_BYTES, SegmentHeader,
+    self, DecodedRecord, Hash, Prefix, RECORD_PREFIX_BYTES, RecordView, SEGMENT_HEADER_BYTES,
+    SegmentHeader,
 };
 use crate::vfs::VfsFile;
 
@@ -107,13 +108,6 @@ pub(crate) enum RecordFault {
     Damaged(&'static str),
 }
 
-/// A record read from a segment.
-#[derive(Debug)]
-pub(crate) struct RawRecord {
-    pub decoded: DecodedRecord,
-    pub next_offset: u64,
-}
-
 /// Reads records sequentially from a segment through a buffer.
 #[derive(Debug)]
 pub(crate) struct SegmentReader<'a> {
@@ -177,7 +171,15 @@ impl<'a> SegmentReader<'a> {
     pub(crate) fn next_record(
         &mut self,
         position: u64,
-    ) -> std::io::Result<Result<RawRecord, RecordFault>> {
+    ) -> std::io::Result<Result<DecodedRecord, RecordFault>> {
+        Ok(self.next_view()?.map(|(view, _)| view.to_record(position)))
+    }
+
+    /// The next record decoded in place (borrowing the reader's buffer) and the offset after
+    /// it, or why there is none. I/O errors are returned as `Err`.
+    pub(crate) fn next_view(
+        &mut self,
+    ) -> std::io::Result<Result<(RecordView<'_>, u64), RecordFault>> {
         let offset = self.offset;
         let max_body = self.max_body_bytes;
         let Some(prefix) = self.bytes(offset, RECORD_PREFIX_BYTES)? else {
@@ -190,18 +192,21 @@ impl<'a> SegmentReader<'a> {
             Some(Prefix::Body { body_len, crc }) => (body_len, crc),
         };
         let body_at = offset + RECORD_PREFIX_BYTES as u64;
-        let Some(body) = self.bytes(body_at, body_len)? else {
+        let next_offset = body_at + body_len as u64;
+        if self.bytes(body_at, body_len)?.is_none() {
             return Ok(Err(RecordFault::Damaged("record runs past the end of the segment")));
-        };
+        }
+        // The body is in the buffer now (just checked), so borrow it from there.
+        let from = (body_at - self.buf_start) as usize;
+        let body = &self.buf[from..from + body_len];
         if crc32fast::hash(body) != crc {
             return Ok(Err(RecordFault::Damaged("record checksum mismatch")));
         }
-        let Some(decoded) = record::decode_body(body, position) else {
+        let Some(view) = record::decode_view(body) else {
             return Ok(Err(RecordFault::Damaged("record body malformed")));
         };
-        let next_offset = body_at + body_len as u64;
         self.offset = next_offset;
-        Ok(Ok(RawRecord { decoded, next_offset }))
+        Ok(Ok((view, next_offset)))
     }
 }
 

@@ -55,8 +55,10 @@ pub(crate) struct WriterInit {
     pub sealed_bytes: u64,
     /// The largest event id key in the log (an id above it cannot be a duplicate).
     pub max_id_key: u128,
-    /// The durable events past `indexed`, with their hashes: indexed by the first flush.
-    pub tail: Vec<(IndexEntry, Hash)>,
+    /// The durable events past `indexed`: indexed by the first flush.
+    pub tail: Vec<IndexEntry>,
+    /// The hash of each event of `tail`.
+    pub tail_hashes: Vec<Hash>,
 }
 
 #[derive(Debug)]
@@ -118,6 +120,9 @@ pub(crate) struct Writer {
     /// `recent_ids` for the index. An id above it that is not in `recent_ids` is new without an
     /// index read (time-ordered UUIDv7 ids mostly are, even from many interleaved writers).
     max_id_key: u128,
+    /// The hashes of the recovered tail (`pending_index` at open), until [`Writer::run`] puts
+    /// the tail's ids in `recent_ids`: on the writer's thread, beside the caller's recovery.
+    recovered_hashes: Vec<Hash>,
     /// The dedup index, read once per group.
     id_index: Option<index::IdIndex>,
     index_tx: Option<SyncSender<IndexJob>>,
@@ -188,16 +193,7 @@ impl Writer {
             .name("event-log-index".into())
             .spawn(move || run_indexer(index_shared, index_rx))
             .ok();
-        let mut recent_ids = HashMap::with_capacity(init.tail.len());
-        let mut recent_order = VecDeque::with_capacity(init.tail.len());
-        let mut pending_index = Vec::with_capacity(init.tail.len());
-        for (entry, hash) in init.tail {
-            let appended =
-                Appended { position: entry.position, stream_version: entry.stream_version, hash };
-            recent_ids.insert(entry.event_id, appended);
-            recent_order.push_back((entry.event_id, entry.position));
-            pending_index.push(entry);
-        }
+        let pending_index = init.tail;
         // A recovered tail goes into a durable checkpoint at once (off the open path), as the
         // open itself used to write it: after a crash redb reopens fast only from a durable
         // commit (one that saved its allocator state), not from later non-durable ones.
@@ -215,8 +211,9 @@ impl Writer {
             position: init.position,
             hash: init.hash,
             streams: init.streams,
-            recent_ids,
-            recent_order,
+            recent_ids: HashMap::new(),
+            recent_order: VecDeque::new(),
+            recovered_hashes: init.tail_hashes,
             max_id_key: init.max_id_key,
             id_index: None,
             index_tx: Some(index_tx),
@@ -316,7 +313,21 @@ impl Writer {
         Ok(())
     }
 
+    /// Puts the recovered tail's ids in the dedup map (see `recovered_hashes`).
+    fn remember_recovered_tail(&mut self) {
+        let hashes = std::mem::take(&mut self.recovered_hashes);
+        self.recent_ids.reserve(hashes.len());
+        self.recent_order.reserve(hashes.len());
+        for (entry, hash) in self.pending_index.iter().zip(hashes) {
+            let appended =
+                Appended { position: entry.position, stream_version: entry.stream_version, hash };
+            self.recent_ids.insert(entry.event_id, appended);
+            self.recent_order.push_back((entry.event_id, entry.position));
+        }
+    }
+
     pub(crate) fn run(mut self) {
+        self.remember_recovered_tail();
         loop {
             let first = match self.next_wakeup() {
                 Some(deadline) => {
@@ -889,7 +900,18 @@ impl Writer {
             Ok(())
         };
         if let Err(e) = result {
-            self.fail(e);
+            return self.fail(e);
+        }
+        // Bound the tail an open after a crash must scan: past one and a half checkpoint
+        // spacings (the index thread fell behind), wait until a durable checkpoint commits.
+        let checkpointed = self.shared.checkpointed_position.load(Ordering::Acquire);
+        if self.durable.position.saturating_sub(checkpointed)
+            >= max_tail_events(&self.shared.options)
+        {
+            self.shared.stats.tail_waits.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.write_index(true, true) {
+                self.fail(e);
+            }
         }
     }
 
@@ -1054,6 +1076,14 @@ const PREALLOC_AT_FILL_DIVISOR: u64 = 2;
 /// released (see [`Writer::gather`]); a fraction of one fsync.
 const GATHER_WAIT_MAX: Duration = Duration::from_micros(100);
 
+/// Most events past the last committed durable checkpoint before the writer waits for one:
+/// one and a half checkpoint spacings, so a checkpoint queued at `checkpoint_events` has half
+/// a spacing to commit before the writer would wait. With at most one group over it, this
+/// bounds the records an open after a crash scans and holds in memory.
+pub(crate) fn max_tail_events(options: &crate::Options) -> u64 {
+    options.checkpoint_events.saturating_add(options.checkpoint_events / 2).max(1)
+}
+
 /// Most index jobs queued for the index thread before the writer waits.
 const INDEX_QUEUE_JOBS: usize = 16;
 
@@ -1110,6 +1140,11 @@ fn run_indexer(shared: Arc<Shared>, rx: Receiver<IndexJob>) {
                     }
                 }
                 shared.indexed_position.fetch_max(job.checkpoint.position, Ordering::Release);
+                if job.durable {
+                    shared
+                        .checkpointed_position
+                        .fetch_max(job.checkpoint.position, Ordering::Release);
+                }
                 let counter = if job.durable {
                     &shared.stats.checkpoints
                 } else {

@@ -154,6 +154,7 @@ fn main() {
     let started = Instant::now();
     let log = EventLog::open(&log_dir, log_options(checkpoint_events)).unwrap();
     let log_open = started.elapsed();
+    let tail_events_at_open = log.stats().tail_events_at_open;
     let mut snapshots = Snapshotter::open(&snap_dir, options.clone()).unwrap();
     let (recovered, report) = snapshots.recover::<ArmCounts>(&log).unwrap();
     let with_snapshot = started.elapsed();
@@ -185,6 +186,7 @@ fn main() {
         "open_to_recovered_with_snapshot_ms": with_snapshot.as_secs_f64() * 1e3,
         "recover_call_ms": report.elapsed.as_secs_f64() * 1e3,
         "log_open_ms": log_open.as_secs_f64() * 1e3,
+        "log_tail_events_at_open": tail_events_at_open,
         "open_to_recovered_full_replay_ms": full_replay.as_secs_f64() * 1e3,
         "full_replay_events_per_s": events as f64 / full_replay.as_secs_f64(),
         "speedup": full_replay.as_secs_f64() / with_snapshot.as_secs_f64(),
