@@ -110,7 +110,7 @@ pub struct Stats {
     /// Durable index checkpoints.
     pub checkpoints: u64,
     /// Times the writer waited for a durable checkpoint because the events past the last one
-    /// reached `2 × checkpoint_events` (see [`crate::Options::checkpoint_events`]).
+    /// reached 1.5 × `checkpoint_events` (see [`crate::Options::checkpoint_events`]).
     pub tail_waits: u64,
     /// Events past the index's durable checkpoint that the open scanned and kept (0 after a
     /// clean close; after a crash, bounded through `tail_waits`).
