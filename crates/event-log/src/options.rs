@@ -52,7 +52,7 @@ pub const DEDUP_ID_AHEAD_MS_MAX: u64 = 60_000;
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default events between durable index checkpoints. 50,000: an open after a crash scans at
 /// most 75,000 events plus one group (about 45 ms; 500,000 made it 0.5 s after a burst), and
-/// the checkpoints cost 4 B/event more than at 500,000 (BENCHMARKS, event-log).
+/// the checkpoints cost 4–7 B/event more than at 500,000 (BENCHMARKS, event-log).
 pub const DEFAULT_CHECKPOINT_EVENTS: u64 = 50_000;
 /// Default events buffered before a (non-durable) index write. Large batches matter: every
 /// index write rewrites the last B-tree page of each stream it touches.
