@@ -216,6 +216,95 @@ fn floor_fsync_append(dir: &Path, rounds: usize) -> anyhow::Result<Value> {
 }
 
 // ---------------------------------------------------------------------------------------
+// A plain HTTP/1.1 client
+
+/// One keep-alive HTTP/1.1 connection driven by blocking calls on the calling thread: each
+/// request is one `write`, each response is read until its `Content-Length`. Beside reqwest
+/// it shows what the bench's own client (a multi-threaded tokio runtime, a connection task
+/// behind a channel) adds to every round trip, so the server's share can be read off.
+struct PlainHttp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl PlainHttp {
+    fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Self { stream, buf: Vec::with_capacity(4096) })
+    }
+
+    /// Sends one request (`body` as JSON when given) and returns the status and body.
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nhost: bench\r\n");
+        if let Some(body) = body {
+            request.push_str(&format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            request.push_str("\r\n");
+        }
+        self.stream.write_all(request.as_bytes())?;
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        let header_end = loop {
+            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = self.stream.read(&mut chunk)?;
+            anyhow::ensure!(n > 0, "connection closed before the response headers");
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = std::str::from_utf8(&self.buf[..header_end])?;
+        let status: u16 = head.get(9..12).context("short status line")?.parse()?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+            })
+            .context("response without content-length")?;
+        while self.buf.len() < header_end + length {
+            let n = self.stream.read(&mut chunk)?;
+            anyhow::ensure!(n > 0, "connection closed inside the response body");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((status, self.buf[header_end..header_end + length].to_vec()))
+    }
+}
+
+/// `rounds` sequential calls of `op` on one [`PlainHttp`] connection to `addr`, on a blocking
+/// thread; returns the latency summary.
+async fn plain_latency(
+    addr: SocketAddr,
+    rounds: usize,
+    op: impl Fn(&mut PlainHttp, usize) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<Value> {
+    tokio::task::spawn_blocking(move || {
+        let mut http = PlainHttp::connect(addr)?;
+        let mut samples = Vec::with_capacity(rounds);
+        let started = Instant::now();
+        for n in 0..rounds {
+            let t = Instant::now();
+            op(&mut http, n)?;
+            samples.push(t.elapsed().as_secs_f64());
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mut out = summary(&mut samples);
+        out["per_s"] = json!((rounds as f64 / secs).round());
+        Ok(out)
+    })
+    .await?
+}
+
+// ---------------------------------------------------------------------------------------
 // safety-quorum
 
 struct Quorum {
@@ -761,6 +850,27 @@ async fn main() -> anyhow::Result<()> {
         report["floor_http_round_trip"] = summary(&mut samples);
         progress(&args, &report, "floor_http_round_trip")?;
     }
+    let leader_addr: SocketAddr = quorum.members[leader].base_url()["http://".len()..].parse()?;
+    report["floor_http_round_trip_plain"] = plain_latency(leader_addr, 2_000, |http, _| {
+        let (status, _) = http.call("GET", "/healthz", None)?;
+        anyhow::ensure!(status == 200, "healthz answered {status}");
+        Ok(())
+    })
+    .await?;
+    progress(&args, &report, "floor_http_round_trip_plain")?;
+    report["quorum_engage_single_plain"] = plain_latency(leader_addr, args.single, |http, n| {
+        let body =
+            format!(r#"{{"reason":"bench","source":"quorum-bench","request_id":"plain-{n}"}}"#);
+        let (status, answer) = http.call("POST", "/estop", Some(&body))?;
+        anyhow::ensure!(
+            status == 200,
+            "engage answered {status} {}",
+            String::from_utf8_lossy(&answer)
+        );
+        Ok(())
+    })
+    .await?;
+    progress(&args, &report, "quorum_engage_single_plain")?;
     let q = Arc::new(quorum);
     eprintln!("safety-quorum: commit latency ...");
     report["quorum_engage_single"] = quorum_latency(&q, leader, 1, args.single, "single").await?;
@@ -792,6 +902,21 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("etcd: put latency ...");
         report["etcd_put_single"] = etcd_latency(&e, leader, 1, args.single, "single").await?;
         progress(&args, &report, "etcd_put_single")?;
+        report["etcd_put_single_plain"] =
+            plain_latency(e.client[leader], args.single, |http, n| {
+                use base64_lite::encode;
+                let key = encode(format!("plain-{n}").as_bytes());
+                let body = format!(r#"{{"key":"{key}","value":"{}"}}"#, encode(b"engaged"));
+                let (status, answer) = http.call("POST", "/v3/kv/put", Some(&body))?;
+                anyhow::ensure!(
+                    status == 200,
+                    "put answered {status} {}",
+                    String::from_utf8_lossy(&answer)
+                );
+                Ok(())
+            })
+            .await?;
+        progress(&args, &report, "etcd_put_single_plain")?;
         report["etcd_put_64"] =
             etcd_latency(&e, leader, CONCURRENCY, args.concurrent, "c64").await?;
         let mut etcd = Arc::into_inner(e).context("etcd still shared")?;
@@ -836,10 +961,13 @@ fn print_table(r: &Value) {
         ),
         ("floor F2 (again, after the runs)", "floor_fsync_4k_pair_end"),
         ("floor H: HTTP GET /healthz round trip", "floor_http_round_trip"),
+        ("floor H, plain client: HTTP GET /healthz round trip", "floor_http_round_trip_plain"),
         ("safety-quorum engage, 1 client (to leader)", "quorum_engage_single"),
+        ("safety-quorum engage, 1 plain client (to leader)", "quorum_engage_single_plain"),
         ("safety-quorum engage, 64 clients (to leader)", "quorum_engage_64"),
         ("safety-quorum engage, 1 client (via follower)", "quorum_engage_single_via_follower"),
         ("etcd put, 1 client (to leader)", "etcd_put_single"),
+        ("etcd put, 1 plain client (to leader)", "etcd_put_single_plain"),
         ("etcd put, 64 clients (to leader)", "etcd_put_64"),
         ("safety-quorum failover (SIGKILL leader -> engage committed)", "quorum_failover"),
         ("etcd failover (SIGKILL leader -> put committed)", "etcd_failover"),
