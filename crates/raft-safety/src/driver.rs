@@ -143,15 +143,13 @@ where
                 }
             }
         }
-        // A leader's appends leave first, before the blocking write below, so that the
-        // followers persist in parallel with the leader instead of after it. The transport
-        // writes them itself when it can; when it left some to its peer tasks, yielding lets
-        // those tasks write them (on this worker). Not when more requests or messages wait:
-        // then the tasks that would run first are mostly clients' (delaying this round's write
-        // behind them), and the next round is due at once.
+        // A leader's appends go to the peer tasks first; yielding lets those tasks write them
+        // to the sockets (on this worker, before the blocking write below) so that the
+        // followers persist in parallel with the leader instead of after it. Not when more
+        // requests or messages wait: then the tasks that would run first are mostly clients'
+        // (delaying this round's write behind them), and the next round is due at once.
         let sent_before_write = node.begin_ready(&mut |message| transport.send(message));
-        if sent_before_write && transport.take_queued() && commands.is_empty() && inbound.is_empty()
-        {
+        if sent_before_write && commands.is_empty() && inbound.is_empty() {
             tokio::task::yield_now().await;
         }
         if let Err(error) = node.finish_ready(&mut |message| outbox.push(message)) {

@@ -13,15 +13,8 @@ use tokio::sync::mpsc;
 /// Sends raft messages to peers. `send` is called from the ready loop: it must never block or
 /// wait. A message it cannot queue is dropped (raft retransmits what matters).
 pub trait Transport: Send + 'static {
-    /// Queues `message` for `message.to` (or writes it at once, if that cannot block), or
-    /// drops it.
+    /// Queues `message` for `message.to`, or drops it.
     fn send(&self, message: Message);
-
-    /// Whether a message sent since the last call waits for another task to deliver it: then
-    /// the ready loop yields before it blocks in its own write. The default says yes.
-    fn take_queued(&self) -> bool {
-        true
-    }
 }
 
 /// An in-process transport: each peer is an `mpsc` inbox (tests, single-process clusters).

@@ -4,13 +4,7 @@
 //! raft `Message` in raft-rs's protobuf encoding. A connection only ever carries frames from
 //! the dialling node to the listening node; replies travel on the listener's own outbound
 //! connection. Each peer has a bounded queue drained by its own task, which connects, writes,
-//! and on any error reconnects with exponential backoff; a full queue drops the message.
-//!
-//! While a connection is open and idle, [`Transport::send`] writes the frame to the socket
-//! itself, on the caller's thread, without waiting (a write that would block hands the rest
-//! to the peer task): a leader's appends are on the wire before its own fdatasync starts,
-//! and a follower's acknowledgement leaves the moment its write is durable, with no task
-//! switch in between (docs/BENCHMARKS.md, safety-quorum). While
+//! and on any error reconnects with exponential backoff; a full queue drops the message. While
 //! idle the task watches its socket: a peer that closed the connection (it crashed or
 //! restarted) is noticed at once, so the next message is written to a fresh connection and not
 //! lost in the dead one. That matters for raft, where a follower may send nothing to another
@@ -27,14 +21,11 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::Message;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
-
 use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::Transport;
@@ -91,8 +82,11 @@ impl Acceptor for PlainTcp {
     }
 }
 
-/// Appends one length-prefixed frame to `out`.
-pub fn encode_frame(message: &Message, out: &mut Vec<u8>) -> io::Result<()> {
+/// Writes one length-prefixed frame (not flushed).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &Message,
+) -> io::Result<()> {
     let bytes = message
         .write_to_bytes()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
@@ -102,20 +96,8 @@ pub fn encode_frame(message: &Message, out: &mut Vec<u8>) -> io::Result<()> {
             format!("frame of {} bytes exceeds {FRAME_BYTES_MAX}", bytes.len()),
         ));
     }
-    out.reserve(4 + bytes.len());
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(&bytes);
-    Ok(())
-}
-
-/// Writes one length-prefixed frame (not flushed).
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    message: &Message,
-) -> io::Result<()> {
-    let mut frame = Vec::new();
-    encode_frame(message, &mut frame)?;
-    writer.write_all(&frame).await
+    writer.write_u32(bytes.len() as u32).await?;
+    writer.write_all(&bytes).await
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
@@ -164,7 +146,8 @@ pub async fn serve_with<A: Acceptor>(
             let Ok(stream) = acceptor.accept(stream).await else {
                 return;
             };
-            // One read syscall takes in every frame that has arrived, not two per frame.
+            // One read takes in every frame that has arrived (a frame unbuffered is a read
+            // of its length and a read of its body).
             let mut stream = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
             loop {
                 match read_frame(&mut stream).await {
@@ -184,47 +167,17 @@ pub async fn serve_with<A: Acceptor>(
     }
 }
 
-/// What a peer's task and [`Transport::send`] share.
-struct Shared<S> {
-    direct: Mutex<Direct<S>>,
-    /// Tells the task that `direct` needs it (a half-written frame, a broken connection).
-    wake: Notify,
-    connected: AtomicBool,
-}
-
-/// The connection's write half, lent to senders while the peer task is idle.
-struct Direct<S> {
-    /// `Some` only while the task is idle with an open connection and nothing queued: then a
-    /// sender may write to it directly.
-    writer: Option<WriteHalf<S>>,
-    /// Bytes of a frame a direct write could not finish, for the task to write first.
-    leftover: Vec<u8>,
-    /// A direct write could not finish (bytes left over, or a flush that would block): the
-    /// task takes the writer back and completes it; meanwhile senders queue.
-    handoff: bool,
-    /// A direct write failed: the writer was dropped and the task must reconnect.
-    broken: bool,
-}
-
-impl<S> Shared<S> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Direct<S>> {
-        self.direct.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-struct Peer<S> {
+struct Peer {
     queue: mpsc::Sender<Message>,
-    shared: Arc<Shared<S>>,
+    connected: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
 /// The TCP [`Transport`]. Create it inside a tokio runtime; dropping it stops its peer tasks.
 pub struct TcpTransport<C: Connector = PlainTcp> {
     connector: Arc<C>,
-    peers: Arc<Mutex<HashMap<u64, Peer<C::Stream>>>>,
+    peers: Arc<Mutex<HashMap<u64, Peer>>>,
     dropped: Arc<AtomicU64>,
-    /// A message went to a peer task's queue since [`Transport::take_queued`] last looked.
-    queued: AtomicBool,
 }
 
 impl<C: Connector> std::fmt::Debug for TcpTransport<C> {
@@ -250,7 +203,6 @@ impl<C: Connector> TcpTransport<C> {
             connector: Arc::new(connector),
             peers: Arc::new(Mutex::new(HashMap::new())),
             dropped: Arc::new(AtomicU64::new(0)),
-            queued: AtomicBool::new(false),
         };
         for (id, addr) in peers {
             transport.add_peer(id, addr);
@@ -261,25 +213,16 @@ impl<C: Connector> TcpTransport<C> {
     /// Starts sending to `id` at `addr` (replacing a previous address).
     pub fn add_peer(&self, id: u64, addr: SocketAddr) {
         let (queue, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
-        let shared = Arc::new(Shared {
-            direct: Mutex::new(Direct {
-                writer: None,
-                leftover: Vec::new(),
-                handoff: false,
-                broken: false,
-            }),
-            wake: Notify::new(),
-            connected: AtomicBool::new(false),
-        });
+        let connected = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(peer_loop(
             id,
             addr,
             Arc::clone(&self.connector),
             rx,
             Arc::clone(&self.dropped),
-            Arc::clone(&shared),
+            Arc::clone(&connected),
         ));
-        if let Some(old) = self.lock().insert(id, Peer { queue, shared, task }) {
+        if let Some(old) = self.lock().insert(id, Peer { queue, connected, task }) {
             old.task.abort();
         }
     }
@@ -294,7 +237,7 @@ impl<C: Connector> TcpTransport<C> {
     /// Whether a connection to `id` is open now (false before the first message to it, and
     /// from the moment the peer closes it until the next message reconnects).
     pub fn is_connected(&self, id: u64) -> bool {
-        self.lock().get(&id).is_some_and(|peer| peer.shared.connected.load(Ordering::Relaxed))
+        self.lock().get(&id).is_some_and(|peer| peer.connected.load(Ordering::Relaxed))
     }
 
     /// Messages dropped so far (queue full, no route, or lost with a broken connection).
@@ -302,7 +245,7 @@ impl<C: Connector> TcpTransport<C> {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer<C::Stream>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -317,82 +260,11 @@ impl<C: Connector> Drop for TcpTransport<C> {
 
 impl<C: Connector> Transport for TcpTransport<C> {
     fn send(&self, message: Message) {
-        let peers = self.lock();
-        let Some(peer) = peers.get(&message.to) else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let mut direct = peer.shared.lock();
-        if !direct.handoff
-            && let Some(writer) = direct.writer.as_mut()
-        {
-            // The task is idle and its queue empty (it lends the writer only then, and while
-            // it is lent nothing is queued), so this frame is next on the wire.
-            let mut frame = Vec::new();
-            if encode_frame(&message, &mut frame).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            match write_now(writer, &frame) {
-                Ok(WriteNow::Done) => {}
-                Ok(WriteNow::Partial(written)) => {
-                    // The socket is full: the task writes the rest (and what queues after it).
-                    direct.leftover = frame.split_off(written);
-                    direct.handoff = true;
-                    peer.shared.wake.notify_one();
-                }
-                Ok(WriteNow::Unflushed) => {
-                    direct.handoff = true;
-                    peer.shared.wake.notify_one();
-                }
-                Err(_) => {
-                    direct.writer = None;
-                    direct.broken = true;
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    peer.shared.wake.notify_one();
-                }
-            }
-            return;
-        }
-        if peer.queue.try_send(message).is_ok() {
-            self.queued.store(true, Ordering::Relaxed);
-        } else {
+        let sent =
+            self.lock().get(&message.to).is_some_and(|peer| peer.queue.try_send(message).is_ok());
+        if !sent {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    fn take_queued(&self) -> bool {
-        self.queued.swap(false, Ordering::Relaxed)
-    }
-}
-
-/// What a [`write_now`] achieved.
-enum WriteNow {
-    /// Every byte written and flushed.
-    Done,
-    /// Only this many bytes were taken; the rest would block.
-    Partial(usize),
-    /// Every byte taken, but the flush would block (a stream with its own buffer, e.g. TLS).
-    Unflushed,
-}
-
-/// Writes as much of `bytes` as the stream takes now, without waiting, and flushes when all of
-/// it was taken.
-fn write_now<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<WriteNow> {
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut written = 0;
-    while written < bytes.len() {
-        match Pin::new(&mut *writer).poll_write(&mut cx, &bytes[written..]) {
-            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => written += n,
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(WriteNow::Partial(written)),
-        }
-    }
-    match Pin::new(&mut *writer).poll_flush(&mut cx) {
-        Poll::Ready(Ok(())) => Ok(WriteNow::Done),
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Ok(WriteNow::Unflushed),
     }
 }
 
@@ -402,7 +274,7 @@ async fn peer_loop<C: Connector>(
     connector: Arc<C>,
     mut queue: mpsc::Receiver<Message>,
     dropped: Arc<AtomicU64>,
-    shared: Arc<Shared<C::Stream>>,
+    connected: Arc<AtomicBool>,
 ) {
     let io_timeout = Duration::from_millis(IO_TIMEOUT_MS);
     let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
@@ -426,87 +298,43 @@ async fn peer_loop<C: Connector>(
             }
         };
         backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-        shared.connected.store(true, Ordering::Relaxed);
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        let mut pending = Vec::new();
-        if encode_frame(&first, &mut pending).is_err() {
-            dropped.fetch_add(1, Ordering::Relaxed);
-            pending.clear();
-        }
-        let broken = 'connection: loop {
-            // Busy: write what is pending and everything queued, in order.
-            loop {
-                let mut batched = 0;
-                while batched < WRITE_BATCH_MESSAGES_MAX {
-                    let Ok(message) = queue.try_recv() else { break };
-                    batched += 1;
-                    if encode_frame(&message, &mut pending).is_err() {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+        connected.store(true, Ordering::Relaxed);
+        let (mut reader, writer) = tokio::io::split(stream);
+        let mut writer = BufWriter::new(writer);
+        let mut batch = vec![first];
+        loop {
+            while batch.len() < WRITE_BATCH_MESSAGES_MAX {
+                match queue.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
                 }
-                let write = async {
-                    writer.write_all(&pending).await?;
-                    writer.flush().await
-                };
-                match tokio::time::timeout(io_timeout, write).await {
-                    Ok(Ok(())) => pending.clear(),
-                    Ok(Err(_)) | Err(_) => {
-                        dropped.fetch_add(batched.max(1) as u64, Ordering::Relaxed);
-                        break 'connection true;
-                    }
+            }
+            let write = async {
+                for message in &batch {
+                    write_frame(&mut writer, message).await?;
                 }
-                // Idle when nothing is queued: lend the writer to senders. Checked under the
-                // lock senders take, so nothing can be queued behind a lent writer.
-                let mut direct = shared.lock();
-                if queue.is_empty() {
-                    direct.writer = Some(writer);
-                    direct.handoff = false;
+                writer.flush().await
+            };
+            match tokio::time::timeout(io_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     break;
                 }
             }
-            // Idle: senders write directly; wake for a handoff, a queued message (a sender
-            // that found the writer handed back), or the peer closing the connection.
-            let woken = tokio::select! {
-                () = shared.wake.notified() => None,
+            batch.clear();
+            tokio::select! {
                 message = queue.recv() => match message {
-                    Some(message) => Some(message),
+                    Some(message) => batch.push(message),
                     None => return,
                 },
                 () = closed_by_peer(&mut reader) => {
                     tracing::debug!(peer = id, %addr, "raft peer closed the connection");
-                    shared.lock().writer = None;
-                    break 'connection false;
+                    break;
                 }
-            };
-            let mut direct = shared.lock();
-            if direct.broken {
-                direct.broken = false;
-                break 'connection true;
             }
-            let Some(lent) = direct.writer.take() else {
-                break 'connection true;
-            };
-            writer = lent;
-            pending.append(&mut direct.leftover);
-            direct.handoff = false;
-            drop(direct);
-            if let Some(message) = woken
-                && encode_frame(&message, &mut pending).is_err()
-            {
-                dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        if broken {
-            tracing::debug!(peer = id, %addr, "raft peer connection broken; reconnecting");
         }
-        {
-            let mut direct = shared.lock();
-            direct.writer = None;
-            direct.leftover.clear();
-            direct.handoff = false;
-            direct.broken = false;
-        }
-        shared.connected.store(false, Ordering::Relaxed);
+        connected.store(false, Ordering::Relaxed);
         // Reconnect once there is something to send.
         first = match queue.recv().await {
             Some(message) => message,
@@ -630,61 +458,6 @@ mod tests {
         let second = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await;
         assert_eq!(second.expect("the single message was lost").unwrap().term, 2);
         server.abort();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_socket_hands_the_rest_to_the_peer_task_in_order() {
-        // A peer that does not read until every message was sent: direct writes fill the
-        // socket, one is left half-written for the task, later ones queue, the rest drop.
-        // Whatever arrives must be whole frames, in the order sent, each at most once.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (start_reading, go) = tokio::sync::oneshot::channel::<()>();
-        let reader = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            go.await.unwrap();
-            let mut stream = BufReader::new(stream);
-            let mut indexes = Vec::new();
-            while let Ok(Some(message)) = read_frame(&mut stream).await {
-                indexes.push(message.index);
-            }
-            indexes
-        });
-        let transport = TcpTransport::new([(2, addr)]);
-        let payload = vec![7u8; 4096];
-        let sends = 4_000u64;
-        transport.send(Message { to: 2, index: 0, ..Message::default() });
-        wait_connected(&transport, true).await;
-        for index in 1..sends {
-            transport.send(Message {
-                to: 2,
-                index,
-                context: payload.clone(),
-                ..Message::default()
-            });
-        }
-        start_reading.send(()).unwrap();
-        // Everything not dropped arrives: wait for it, then close so the reader ends.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let expected = loop {
-            let expected = sends - transport.dropped_messages();
-            let idle = {
-                let peers = transport.lock();
-                let peer = &peers[&2];
-                peer.shared.lock().writer.is_some()
-                    && peer.queue.capacity() == PEER_QUEUE_MESSAGES_MAX
-            };
-            if idle {
-                break expected;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the peer task never caught up");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        drop(transport);
-        let indexes = tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap();
-        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "frames out of order or repeated");
-        assert_eq!(indexes.len() as u64, expected, "a frame was lost without being counted");
-        assert!(expected > 1_000, "only {expected} of {sends} delivered");
     }
 
     #[tokio::test]
