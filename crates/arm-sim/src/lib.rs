@@ -100,6 +100,12 @@ pub struct Args {
     /// safety-quorum's leader. Only for benchmarks without a quorum: never beside a real one.
     #[arg(long)]
     pub fake_safety_leader: bool,
+    /// With `--fake-safety-leader`: after an arm's e-stop request (`edge.safety.estop`, sent
+    /// when it latched a stop, e.g. on silent sensors), commit a newer clear this many ms
+    /// later, as an operator would, so that a long run resumes (0: never; the arms then stay
+    /// stopped). Every stand-in clear is counted in the report.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub fake_clear_after_ms: u64,
 }
 
 impl Args {
@@ -197,6 +203,15 @@ pub struct SensorReport {
     pub publish_errors: u64,
 }
 
+/// What the stand-in safety leader did (`--fake-safety-leader`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FakeLeaderReport {
+    /// E-stop requests heard from the controller (each a latched stop).
+    pub estop_requests: u64,
+    /// Newer clears committed after them (`--fake-clear-after-ms`).
+    pub clears: u64,
+}
+
 /// Floors measured in the same run.
 #[derive(Debug, Clone, Serialize)]
 pub struct FloorReport {
@@ -223,6 +238,8 @@ pub struct Report {
     pub sensors: SensorReport,
     /// Floors, with `--floor`.
     pub floor: Option<FloorReport>,
+    /// The stand-in leader, with `--fake-safety-leader`.
+    pub fake_leader: Option<FakeLeaderReport>,
 }
 
 async fn controller_samples(http: &reqwest::Client, base: &str) -> Option<u64> {
@@ -242,6 +259,15 @@ async fn controller_samples(http: &reqwest::Client, base: &str) -> Option<u64> {
 
 /// Runs the simulation until `--duration-s` passes or a signal arrives.
 pub async fn run(args: Args) -> anyhow::Result<Report> {
+    run_until(args, shutdown_signal()).await
+}
+
+/// [`run`] until `--duration-s` passes or `stop` resolves.
+pub async fn run_until(
+    args: Args,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Report> {
+    let mut stop_requested = std::pin::pin!(stop);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
         .pool_max_idle_per_host(args.arms as usize)
@@ -254,8 +280,19 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let base = args.controller_url.trim_end_matches('/').to_owned();
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = Vec::new();
+    let fake = Arc::new(FakeLeader::default());
     if args.fake_safety_leader {
-        tasks.push(tokio::spawn(fake_leader(nats.clone(), stop.clone())));
+        let subscription = nats
+            .subscribe(wire::subjects::SAFETY_ESTOP)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to e-stop requests: {e}"))?;
+        tasks.push(tokio::spawn(fake_leader(
+            nats.clone(),
+            subscription,
+            fake.clone(),
+            args.fake_clear_after_ms,
+            stop.clone(),
+        )));
     }
     let floor =
         if args.floor { Some(measure_floor(&args, &nats, &http, &base).await?) } else { None };
@@ -334,7 +371,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .map_or(progress, |d| d.saturating_duration_since(Instant::now()).min(progress));
         tokio::select! {
             _ = tokio::time::sleep(until_deadline) => {}
-            _ = shutdown_signal() => break,
+            () = &mut stop_requested => break,
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -391,6 +428,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             errors: r.errors.clone(),
         }
     };
+    let fake_leader = args.fake_safety_leader.then(|| FakeLeaderReport {
+        estop_requests: fake.estop_requests.load(Ordering::Relaxed),
+        clears: fake.clears.load(Ordering::Relaxed),
+    });
     Ok(Report {
         args,
         elapsed_s: elapsed,
@@ -404,6 +445,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             publish_errors: shared.publish_errors.load(Ordering::Relaxed),
         },
         floor,
+        fake_leader,
     })
 }
 
@@ -587,14 +629,49 @@ async fn cycles(args: Args, arm: Arc<Arm>, offset: Duration, run_id: u64, ctx: C
     }
 }
 
-async fn fake_leader(nats: async_nats::Client, mut stop: watch::Receiver<bool>) {
+/// The stand-in leader's counters.
+#[derive(Debug, Default)]
+struct FakeLeader {
+    estop_requests: AtomicU64,
+    clears: AtomicU64,
+}
+
+/// Publishes a clear committed state every 10 ms (term 1, index 1 at first). An e-stop
+/// request from the controller (it latched a stop) schedules a newer clear (the next index)
+/// `clear_after_ms` later, which releases the latch; 0 never does.
+async fn fake_leader(
+    nats: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    counters: Arc<FakeLeader>,
+    clear_after_ms: u64,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut interval = ticker(Duration::from_millis(10));
+    let mut index = 1u64;
+    let mut clear_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = stop.changed() => return,
+            request = requests.next() => {
+                let Some(request) = request else { return };
+                counters.estop_requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(reply) = request.reply {
+                    let answer = json!({"engaged": true, "index": index, "term": 1, "duplicate": false});
+                    let _ = nats.publish(reply, Bytes::from(answer.to_string())).await;
+                }
+                if clear_after_ms > 0 && clear_at.is_none() {
+                    clear_at = Some(tokio::time::Instant::now() + Duration::from_millis(clear_after_ms));
+                }
+                continue;
+            }
         }
-        let state = json!({"engaged": false, "reason": "arm-sim stand-in leader", "term": 1, "index": 1, "leader": 0, "ts": now_us()});
+        if clear_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            clear_at = None;
+            index += 1;
+            counters.clears.fetch_add(1, Ordering::Relaxed);
+        }
+        let state = json!({"engaged": false, "reason": "arm-sim stand-in leader", "term": 1, "index": index, "leader": 0, "ts": now_us()});
         let _ = nats
             .publish(
                 wire::subjects::SAFETY_STATE,
@@ -695,6 +772,12 @@ pub fn render(report: &Report) -> String {
         s.samples_received.map_or("?".to_owned(), |v| v.to_string()),
         s.publish_errors
     );
+    if let Some(f) = &report.fake_leader {
+        out += &format!(
+            "stand-in safety leader: e-stop requests {}  clears committed {}\n",
+            f.estop_requests, f.clears
+        );
+    }
     if let Some(f) = &report.floor {
         for (name, v) in [
             ("fdatasync", f.fdatasync),
