@@ -278,6 +278,17 @@ impl PlainHttp {
         }
         Ok((status, self.buf[header_end..header_end + length].to_vec()))
     }
+
+    /// POSTs `body` as JSON to `path` and fails unless the answer is 200.
+    fn post_ok(&mut self, path: &str, body: &str) -> anyhow::Result<()> {
+        let (status, answer) = self.call("POST", path, Some(body))?;
+        anyhow::ensure!(
+            status == 200,
+            "POST {path} answered {status} {}",
+            String::from_utf8_lossy(&answer)
+        );
+        Ok(())
+    }
 }
 
 /// `rounds` sequential calls of `op` on one [`PlainHttp`] connection to `addr`, on a blocking
@@ -861,13 +872,7 @@ async fn main() -> anyhow::Result<()> {
     report["quorum_engage_single_plain"] = plain_latency(leader_addr, args.single, |http, n| {
         let body =
             format!(r#"{{"reason":"bench","source":"quorum-bench","request_id":"plain-{n}"}}"#);
-        let (status, answer) = http.call("POST", "/estop", Some(&body))?;
-        anyhow::ensure!(
-            status == 200,
-            "engage answered {status} {}",
-            String::from_utf8_lossy(&answer)
-        );
-        Ok(())
+        http.post_ok("/estop", &body)
     })
     .await?;
     progress(&args, &report, "quorum_engage_single_plain")?;
@@ -907,13 +912,7 @@ async fn main() -> anyhow::Result<()> {
                 use base64_lite::encode;
                 let key = encode(format!("plain-{n}").as_bytes());
                 let body = format!(r#"{{"key":"{key}","value":"{}"}}"#, encode(b"engaged"));
-                let (status, answer) = http.call("POST", "/v3/kv/put", Some(&body))?;
-                anyhow::ensure!(
-                    status == 200,
-                    "put answered {status} {}",
-                    String::from_utf8_lossy(&answer)
-                );
-                Ok(())
+                http.post_ok("/v3/kv/put", &body)
             })
             .await?;
         progress(&args, &report, "etcd_put_single_plain")?;
