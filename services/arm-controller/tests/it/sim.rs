@@ -109,7 +109,10 @@ async fn the_stand_in_leader_clears_a_latched_stop_and_counts_it() {
         }
     };
     tokio::time::timeout(support::WAIT, stand_in).await.expect("the stand-in never published");
-    // A sample beyond the joint limit latches arm-001; the controller asks for an e-stop.
+    // A sample beyond the joint limit latches arm-001; the controller asks for an e-stop (only
+    // when it latches), and the latch holds until a newer committed clear.
+    let mut estops = stack.client.subscribe(wire::subjects::SAFETY_ESTOP).await.unwrap();
+    stack.client.flush().await.unwrap();
     let sample =
         wire::Sample { ts_us: support::now_us(), joints: vec![0.0, 0.0, 3.3, 0.0, 0.0, 0.0] };
     let frame = wire::SensorFrame { arm: "arm-001".into(), seq: 1, samples: vec![sample] };
@@ -121,8 +124,10 @@ async fn the_stand_in_leader_clears_a_latched_stop_and_counts_it() {
         )
         .await
         .unwrap();
-    stack.wait_state("arm-001", "safe_stop").await;
-    // The stand-in's newer clear releases it.
+    let request = tokio::time::timeout(support::WAIT, estops.next()).await.unwrap().unwrap();
+    let request: serde_json::Value = serde_json::from_slice(&request.payload).unwrap();
+    assert!(request["reason"].as_str().unwrap().contains("arm-001"), "{request}");
+    // The stand-in's newer clear releases it: running again can only come from that clear.
     stack.wait_state("arm-001", "running").await;
     assert_eq!(stack.status("arm-002").await["state"], "running");
     let _ = stop.send(());
