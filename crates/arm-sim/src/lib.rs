@@ -657,7 +657,8 @@ async fn fake_leader(
                 let Some(request) = request else { return };
                 counters.estop_requests.fetch_add(1, Ordering::Relaxed);
                 if let Some(reply) = request.reply {
-                    let answer = json!({"engaged": true, "index": index, "term": 1, "duplicate": false});
+                    // It does not engage (the other arms keep running); it says what it does.
+                    let answer = json!({"stand_in": true, "engaged": false, "index": index, "clear_after_ms": clear_after_ms});
                     let _ = nats.publish(reply, Bytes::from(answer.to_string())).await;
                 }
                 if clear_after_ms > 0 && clear_at.is_none() {
