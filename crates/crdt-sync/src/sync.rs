@@ -2,15 +2,18 @@
 //!
 //! - Local changes are queued by [`SyncedReplica::update`] after they are
 //!   durable (or by [`SyncedReplica::update_deferred`], held until the caller
-//!   says they are), coalesced per document for at most the flush interval
-//!   (default [`FLUSH_INTERVAL_MS_DEFAULT`]) and published on JetStream
+//!   says they are) and published on JetStream
 //!   stream [`STREAM_NAME`], subject `edge.crdt.{doc}.changes.{node}`, with
-//!   the origin time in header [`ORIGIN_HEADER`].
+//!   the origin and publish times in headers ([`ORIGIN_HEADER`],
+//!   [`ORIGIN_US_HEADER`], [`PUBLISHED_HEADER`]). A batch that is durable after a
+//!   quiet spell leaves at once; under load publish cycles are at least the flush
+//!   interval (default [`FLUSH_INTERVAL_MS_DEFAULT`]) apart and coalesce per
+//!   document what came meanwhile, so no durable batch waits longer than that.
 //! - Every replica follows the stream with an ordered push consumer that
 //!   starts at new messages (anti-entropy covers what came before), applies
 //!   what peers publish (idempotent; batches already waiting are applied
 //!   together, because one automerge apply costs a pass over the document)
-//!   and records the replication lag.
+//!   and records the replication lag with its stages ([`LagSample`]).
 //! - Anti-entropy: automerge sync messages on core NATS,
 //!   `edge.crdt.{doc}.sync.{from}.{to}`. A round (reset the per-peer sync
 //!   state, send the first message of every document to every member) runs
@@ -46,7 +49,12 @@ pub const STREAM_SUBJECTS: &str = "edge.crdt.*.changes.*";
 /// Header with the origin time of a batch (ms since the Unix epoch, of its
 /// oldest change).
 pub const ORIGIN_HEADER: &str = "Keel-Origin-Ms";
-/// Default longest wait before queued changes are published.
+/// The same origin time in µs (the lag's stages need finer steps than ms); a batch without
+/// it (from an earlier version) counts from [`ORIGIN_HEADER`].
+pub const ORIGIN_US_HEADER: &str = "Keel-Origin-Us";
+/// When the publisher handed the batch to NATS (µs since the Unix epoch, by its clock).
+pub const PUBLISHED_HEADER: &str = "Keel-Published-Us";
+/// Default least time between two publish cycles (the longest a durable batch waits).
 pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 2;
 /// Default period of anti-entropy rounds.
 pub const ANTI_ENTROPY_INTERVAL_MS_DEFAULT: u64 = 5_000;
@@ -89,7 +97,8 @@ pub const SYNC_ASSEMBLIES_MAX: usize = 64;
 /// How a [`SyncedReplica`] talks to NATS.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
-    /// Longest wait before queued changes are published.
+    /// Least time between two publish cycles, so the longest a durable batch waits for
+    /// its cycle; a batch after a quiet spell leaves at once.
     pub flush_interval_ms: u64,
     /// Period of anti-entropy rounds.
     pub anti_entropy_interval_ms: u64,
@@ -165,7 +174,7 @@ struct Shared<L: OpLog> {
     node_id: String,
     outbox: mpsc::Sender<Outgoing>,
     counters: Counters,
-    lag_ms: Mutex<VecDeque<u64>>,
+    lag: Mutex<VecDeque<LagSample>>,
     round: Notify,
     /// Sequence of the next queued batch. Batches are queued under the replica lock right
     /// after their records are appended, so this order is the op log's order.
@@ -178,7 +187,7 @@ struct Shared<L: OpLog> {
 struct Outgoing {
     doc: DocId,
     changes: ChangeBatch,
-    origin_ms: u64,
+    origin_us: u64,
     /// Published once `durable_seq` reaches it.
     seq: u64,
 }
@@ -235,7 +244,30 @@ impl<L: OpLog> std::fmt::Debug for SyncedReplica<L> {
 
 /// Milliseconds since the Unix epoch, by the wall clock.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+    now_us() / 1_000
+}
+
+/// Microseconds since the Unix epoch, by the wall clock.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_micros() as u64)
+}
+
+/// One peer batch's replication lag and its stages (µs). The origin and publish times are
+/// the publisher's clock, the rest this replica's, so `transit_us` (and the total) hold
+/// the clocks' offset too; `queued_us`, `waited_us` and `applied_us` each use one clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LagSample {
+    /// From the batch's origin (its oldest change) to its apply here.
+    pub total_us: u64,
+    /// Origin to publish at the publisher: its group commit and the coalescing wait.
+    /// `None`: the batch carried no publish time (an earlier version sent it).
+    pub queued_us: Option<u64>,
+    /// Publish to arrival here: the broker and the network.
+    pub transit_us: Option<u64>,
+    /// Arrival to this replica's lock: the batches taken with it, and whoever held the lock.
+    pub waited_us: u64,
+    /// Holding the lock: the automerge apply (of every batch taken with it) and its log append.
+    pub applied_us: u64,
 }
 
 fn changes_subject(doc: &DocId, node: &str) -> String {
@@ -303,7 +335,7 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             node_id,
             outbox,
             counters: Counters::default(),
-            lag_ms: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
+            lag: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
             round: Notify::new(),
             next_seq: AtomicU64::new(1),
             durable_seq: watch::Sender::new(0),
@@ -333,12 +365,12 @@ impl<L: OpLog> SyncedReplica<L> {
         doc: &DocId,
         operation: impl FnOnce(&mut Replica<L>, u64) -> Result<Update<T>, Error>,
     ) -> Result<Update<T>, Error> {
-        let now = now_ms();
+        let now_us = now_us();
         let mut replica = self.lock();
-        let update = operation(&mut replica, now)?;
+        let update = operation(&mut replica, now_us / 1_000)?;
         if let Some(changes) = &update.changes {
             // Queued under the lock, so batches leave in commit order.
-            enqueue(&self.shared, doc.clone(), changes.clone(), now);
+            enqueue(&self.shared, doc.clone(), changes.clone(), now_us);
         }
         drop(replica);
         Ok(update)
@@ -355,13 +387,12 @@ impl<L: OpLog> SyncedReplica<L> {
         doc: &DocId,
         operation: impl FnOnce(&mut Replica<L>, u64) -> Result<Update<T>, Error>,
     ) -> Result<(Update<T>, Publication), Error> {
-        let now = now_ms();
+        let now_us = now_us();
         let mut replica = self.lock();
-        let update = operation(&mut replica, now)?;
-        let seq = update
-            .changes
-            .as_ref()
-            .map(|changes| queue(&self.shared, doc.clone(), changes.clone(), now, Durable::Later));
+        let update = operation(&mut replica, now_us / 1_000)?;
+        let seq = update.changes.as_ref().map(|changes| {
+            queue(&self.shared, doc.clone(), changes.clone(), now_us, Durable::Later)
+        });
         let publication = Publication { seq, durable_seq: self.shared.durable_seq.clone() };
         drop(replica);
         Ok((update, publication))
@@ -380,7 +411,13 @@ impl<L: OpLog> SyncedReplica<L> {
     /// Replication lag samples (ms from a batch's origin to its apply
     /// here), oldest first, at most [`LAG_SAMPLES_MAX`].
     pub fn lag_samples_ms(&self) -> Vec<u64> {
-        self.shared.lag_ms.lock().map(|lag| lag.iter().copied().collect()).unwrap_or_default()
+        self.lag_samples().iter().map(|sample| sample.total_us / 1_000).collect()
+    }
+
+    /// Replication lag samples with their stages, oldest first, at most
+    /// [`LAG_SAMPLES_MAX`].
+    pub fn lag_samples(&self) -> Vec<LagSample> {
+        self.shared.lag.lock().map(|lag| lag.iter().copied().collect()).unwrap_or_default()
     }
 
     /// Counters of the sync layer.
@@ -423,16 +460,16 @@ fn lock<L: OpLog>(shared: &Shared<L>) -> MutexGuard<'_, Replica<L>> {
 
 /// Waits (briefly, at most [`HANDOFF_WAIT_MS_MAX`]) until the callers blocked on the
 /// replica lock got it.
-async fn hand_off<L: OpLog>(shared: &Shared<L>) {
+fn hand_off<L: OpLog>(shared: &Shared<L>) {
     let deadline = std::time::Instant::now() + Duration::from_millis(HANDOFF_WAIT_MS_MAX);
     while shared.waiting.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
-        tokio::task::yield_now().await;
+        std::thread::yield_now();
     }
 }
 
 /// Queues durable changes (call it under the replica lock).
-fn enqueue<L: OpLog>(shared: &Shared<L>, doc: DocId, changes: ChangeBatch, origin_ms: u64) {
-    queue(shared, doc, changes, origin_ms, Durable::Now);
+fn enqueue<L: OpLog>(shared: &Shared<L>, doc: DocId, changes: ChangeBatch, origin_us: u64) {
+    queue(shared, doc, changes, origin_us, Durable::Now);
 }
 
 /// Whether a queued batch's records are durable yet.
@@ -449,14 +486,14 @@ fn queue<L: OpLog>(
     shared: &Shared<L>,
     doc: DocId,
     changes: ChangeBatch,
-    origin_ms: u64,
+    origin_us: u64,
     durable: Durable,
 ) -> u64 {
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
     if durable == Durable::Now {
         mark_durable(&shared.durable_seq, seq);
     }
-    if shared.outbox.try_send(Outgoing { doc, changes, origin_ms, seq }).is_err() {
+    if shared.outbox.try_send(Outgoing { doc, changes, origin_us, seq }).is_err() {
         shared.counters.batches_dropped.fetch_add(1, Ordering::Relaxed);
     }
     seq
@@ -490,11 +527,26 @@ async fn publish_loop<L: OpLog + Send + 'static>(
         }
     });
     let mut durable_seq = shared.durable_seq.subscribe();
-    while let Some(first) = outbox.recv().await {
+    // A batch taken from the outbox but not durable when its cycle closed: the next
+    // cycle's first.
+    let mut carried: Option<Outgoing> = None;
+    let mut last_publish: Option<tokio::time::Instant> = None;
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = (match carried.take() {
+            Some(item) => Some(item),
+            None => outbox.recv().await,
+        }) else {
+            break;
+        };
         if !releasable(&mut durable_seq, &first).await {
             break;
         }
-        let deadline = tokio::time::Instant::now() + flush_interval;
+        // After a quiet spell a batch leaves at once; under load cycles are at least the
+        // flush interval apart, and what comes meanwhile is coalesced. Either way no batch
+        // waits longer than the flush interval once it is durable.
+        let now = tokio::time::Instant::now();
+        let deadline = last_publish.map_or(now, |at| (at + flush_interval).max(now));
         let mut pending: BTreeMap<DocId, Vec<(ChangeBatch, u64)>> = BTreeMap::new();
         let mut add = |item: Outgoing| {
             let batches = pending.entry(item.doc).or_default();
@@ -509,22 +561,46 @@ async fn publish_loop<L: OpLog + Send + 'static>(
                 _ => false,
             };
             if !merged {
-                batches.push((item.changes, item.origin_ms));
+                batches.push((item.changes, item.origin_us));
             }
         };
         add(first);
-        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, outbox.recv()).await {
-            if !releasable(&mut durable_seq, &item).await {
+        loop {
+            // Past the deadline only what is already waiting joins the cycle.
+            let next = if tokio::time::Instant::now() < deadline {
+                tokio::time::timeout_at(deadline, outbox.recv()).await.ok().flatten()
+            } else {
+                outbox.try_recv().ok()
+            };
+            let Some(item) = next else {
                 break;
+            };
+            if *durable_seq.borrow() >= item.seq {
+                add(item);
+                continue;
             }
-            add(item);
+            // Not durable yet: wait for it until the deadline at most, else it opens the
+            // next cycle (batches leave in order).
+            match tokio::time::timeout_at(deadline, releasable(&mut durable_seq, &item)).await {
+                Ok(true) => add(item),
+                Ok(false) => {
+                    stopping = true;
+                    break;
+                }
+                Err(_) => {
+                    carried = Some(item);
+                    break;
+                }
+            }
         }
         let mut acks = Vec::new();
         for (doc, batches) in pending {
             let subject = changes_subject(&doc, &shared.node_id);
-            for (batch, origin_ms) in batches {
+            for (batch, origin_us) in batches {
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert(ORIGIN_HEADER, origin_ms.to_string().as_str());
+                headers.insert(ORIGIN_HEADER, (origin_us / 1_000).to_string().as_str());
+                headers.insert(ORIGIN_US_HEADER, origin_us.to_string().as_str());
+                headers.insert(PUBLISHED_HEADER, now_us().to_string().as_str());
                 match context
                     .publish_with_headers(subject.clone(), headers, Bytes::from(batch.into_bytes()))
                     .await
@@ -536,6 +612,7 @@ async fn publish_loop<L: OpLog + Send + 'static>(
                 }
             }
         }
+        last_publish = Some(tokio::time::Instant::now());
         if ack_tx.send(acks).await.is_err() {
             break;
         }
@@ -548,7 +625,12 @@ async fn publish_loop<L: OpLog + Send + 'static>(
 struct Received {
     doc: DocId,
     payload: Bytes,
-    origin_ms: Option<u64>,
+    /// The publisher's origin time of the batch (µs).
+    origin_us: Option<u64>,
+    /// When the publisher published it (µs, its clock).
+    published_us: Option<u64>,
+    /// When it arrived here (µs).
+    arrived_us: u64,
 }
 
 async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer::push::Ordered) {
@@ -556,12 +638,13 @@ async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer:
     while let Some(message) = changes.next().await {
         // Drain what is already waiting: one automerge apply costs a pass
         // over the document, so applying many batches at once is far
-        // cheaper than one by one.
-        let mut received = Vec::new();
-        accept(&shared, message, &mut received);
+        // cheaper than one by one. Applied here rather than handed to a thread of its
+        // own: the wake-up of that thread cost a quarter of a millisecond at the median
+        // (docs/BENCHMARKS.md, counter-service).
+        let mut received: Vec<Received> = accept(&shared, message).into_iter().collect();
         while received.len() < RECEIVE_BATCHES_MAX {
             match changes.next().now_or_never() {
-                Some(Some(message)) => accept(&shared, message, &mut received),
+                Some(Some(message)) => received.extend(accept(&shared, message)),
                 _ => break,
             }
         }
@@ -572,24 +655,31 @@ async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer:
 fn accept<L: OpLog>(
     shared: &Shared<L>,
     message: Result<jetstream::Message, consumer::push::OrderedError>,
-    received: &mut Vec<Received>,
-) {
-    let Ok(message) = message else {
-        return;
-    };
+) -> Option<Received> {
+    let message = message.ok()?;
     let Some((doc, "changes", nodes)) = parse_subject(message.subject.as_str()) else {
         shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     };
     if nodes.first().copied() == Some(shared.node_id.as_str()) {
-        return;
+        return None;
     }
-    let origin_ms = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(ORIGIN_HEADER))
-        .and_then(|value| value.as_str().parse::<u64>().ok());
-    received.push(Received { doc, payload: message.payload.clone(), origin_ms });
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+    };
+    let origin_us = header(ORIGIN_US_HEADER)
+        .or_else(|| header(ORIGIN_HEADER).map(|ms| ms.saturating_mul(1_000)));
+    Some(Received {
+        doc,
+        payload: message.payload.clone(),
+        origin_us,
+        published_us: header(PUBLISHED_HEADER),
+        arrived_us: now_us(),
+    })
 }
 
 fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
@@ -598,6 +688,7 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
         by_doc.entry(item.doc.clone()).or_default().push(item);
     }
     let mut replica = lock(shared);
+    let locked_us = now_us();
     let entered = replica.epochs_entered();
     for (doc, items) in by_doc {
         let mut combined = ChangeBatch::new();
@@ -612,7 +703,6 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
         // One apply for all; if anything in it is bad, one by one so only
         // the bad batches are refused.
         let together = framed && replica.apply_changes(&doc, combined.as_bytes()).is_ok();
-        let now = now_ms();
         for item in &items {
             let ok = together || replica.apply_changes(&doc, &item.payload).is_ok();
             let counter = if ok {
@@ -621,8 +711,18 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
                 &shared.counters.messages_rejected
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            if ok && let Some(origin_ms) = item.origin_ms {
-                record_lag(shared, now.saturating_sub(origin_ms));
+            if ok && let Some(origin_us) = item.origin_us {
+                let applied_us = now_us();
+                record_lag(
+                    shared,
+                    LagSample {
+                        total_us: applied_us.saturating_sub(origin_us),
+                        queued_us: item.published_us.map(|p| p.saturating_sub(origin_us)),
+                        transit_us: item.published_us.map(|p| item.arrived_us.saturating_sub(p)),
+                        waited_us: locked_us.saturating_sub(item.arrived_us),
+                        applied_us: applied_us.saturating_sub(locked_us),
+                    },
+                );
             }
         }
     }
@@ -633,7 +733,7 @@ fn apply_received<L: OpLog>(shared: &Shared<L>, received: Vec<Received>) {
 /// a new epoch) and, when it entered an epoch, starts an anti-entropy round: a genesis
 /// too large for one message travels in sync message parts.
 fn after_remote<L: OpLog>(shared: &Shared<L>, replica: &mut Replica<L>, entered_before: u64) {
-    let now = now_ms();
+    let now = now_us();
     for (doc, changes) in replica.take_outgoing() {
         enqueue(shared, doc, changes, now);
     }
@@ -642,16 +742,16 @@ fn after_remote<L: OpLog>(shared: &Shared<L>, replica: &mut Replica<L>, entered_
     }
 }
 
-fn record_lag<L: OpLog>(shared: &Shared<L>, lag_ms: u64) {
-    if let Ok(mut samples) = shared.lag_ms.lock() {
+fn record_lag<L: OpLog>(shared: &Shared<L>, sample: LagSample) {
+    if let Ok(mut samples) = shared.lag.lock() {
         if samples.len() == LAG_SAMPLES_MAX {
             samples.pop_front();
         }
-        samples.push_back(lag_ms);
+        samples.push_back(sample);
     }
 }
 
-async fn answer_sync<L: OpLog>(
+async fn answer_sync<L: OpLog + Send + 'static>(
     shared: Arc<Shared<L>>,
     client: async_nats::Client,
     mut messages: async_nats::Subscriber,
@@ -684,7 +784,10 @@ async fn answer_sync<L: OpLog>(
                 }
             }
         };
-        let reply = {
+        // Off the runtime's workers: it waits for the replica lock and may apply a genesis.
+        let receiving = (shared.clone(), doc.clone(), from.clone());
+        let reply = tokio::task::spawn_blocking(move || {
+            let (shared, doc, from) = receiving;
             let mut replica = lock(&shared);
             let entered = replica.epochs_entered();
             let reply = match replica.receive_sync_message(&doc, &from, &payload) {
@@ -699,7 +802,10 @@ async fn answer_sync<L: OpLog>(
             };
             after_remote(&shared, &mut replica, entered);
             reply
-        };
+        })
+        .await
+        .ok()
+        .flatten();
         if let Some(reply) = reply {
             send_sync(&shared, &client, &doc, &from, reply).await;
         }
@@ -820,7 +926,7 @@ impl Assemblies {
     }
 }
 
-async fn periodic<L: OpLog>(
+async fn periodic<L: OpLog + Send + 'static>(
     shared: Arc<Shared<L>>,
     client: async_nats::Client,
     config: SyncConfig,
@@ -837,46 +943,50 @@ async fn periodic<L: OpLog>(
             () = shared.round.notified() => true,
         };
         if round {
-            let messages = {
-                let mut replica = lock(&shared);
-                let peers: Vec<String> = replica
-                    .members()
-                    .iter()
-                    .filter(|member| **member != shared.node_id)
-                    .cloned()
-                    .collect();
-                let mut messages = Vec::new();
-                for peer in &peers {
-                    replica.reset_peer(peer);
-                    for doc in replica.docs() {
-                        // One opening message per epoch document (a counter changing
-                        // epochs holds up to three).
-                        for _ in 0..3 {
-                            match replica.sync_message(&doc, peer) {
-                                Some(message) => {
-                                    messages.push((doc.clone(), peer.clone(), message))
-                                }
-                                None => break,
-                            }
-                        }
-                    }
-                }
-                messages
-            };
+            let opening = shared.clone();
+            let messages = tokio::task::spawn_blocking(move || opening_messages(&opening))
+                .await
+                .unwrap_or_default();
             for (doc, peer, message) in messages {
                 send_sync(&shared, &client, &doc, &peer, message).await;
             }
         } else {
-            tick(&shared).await;
+            // Off the runtime's workers: a tick holds the replica lock for milliseconds.
+            let ticking = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || tick(&ticking)).await;
         }
     }
+}
+
+/// An anti-entropy round's opening: the first sync message of every document to every
+/// peer, their sync states reset.
+fn opening_messages<L: OpLog>(shared: &Shared<L>) -> Vec<(DocId, String, Vec<u8>)> {
+    let mut replica = lock(shared);
+    let peers: Vec<String> =
+        replica.members().iter().filter(|member| **member != shared.node_id).cloned().collect();
+    let mut messages = Vec::new();
+    for peer in &peers {
+        replica.reset_peer(peer);
+        for doc in replica.docs() {
+            // One opening message per epoch document (a counter changing epochs holds up
+            // to three).
+            for _ in 0..3 {
+                match replica.sync_message(&doc, peer) {
+                    Some(message) => messages.push((doc.clone(), peer.clone(), message)),
+                    None => break,
+                }
+            }
+        }
+    }
+    messages
 }
 
 /// One tick: maintenance in bounded steps, each under the lock, its records appended
 /// without waiting and its changes queued held (peers' changes and local writes get the
 /// lock in between); they are published once the log is durable past them.
-async fn tick<L: OpLog>(shared: &Shared<L>) {
-    let now = now_ms();
+fn tick<L: OpLog>(shared: &Shared<L>) {
+    let now_us = now_us();
+    let now = now_us / 1_000;
     let mut last_held = None;
     let mut entered = false;
     for _ in 0..TICK_STEPS_MAX {
@@ -898,14 +1008,14 @@ async fn tick<L: OpLog>(shared: &Shared<L>) {
                 Durable::Later
             };
             for (doc, changes) in step.changes {
-                last_held = Some(queue(shared, doc, changes, now, durable));
+                last_held = Some(queue(shared, doc, changes, now_us, durable));
             }
             step.more
         };
         if !more {
             break;
         }
-        hand_off(shared).await;
+        hand_off(shared);
     }
     // Under load a later group commit has already made them durable; else one sync.
     if let Some(seq) = last_held

@@ -8,6 +8,7 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use crdt_sync::sync::LagSample;
 use crdt_sync::{DocId, Error as CrdtError, Update};
 use serde_json::{Value, json};
 use service_kit::{ApiError, ApiJson};
@@ -253,7 +254,8 @@ async fn debug_sync(
             body["doc_bytes"] = json!(docs);
         }
         if let Some(synced) = engine.synced() {
-            let mut lag = synced.lag_samples_ms();
+            let samples = synced.lag_samples();
+            let mut lag: Vec<u64> = samples.iter().map(|s| s.total_us / 1_000).collect();
             // The lag's recent course: the worst of each run of samples, oldest first.
             let curve: Vec<u64> = lag
                 .chunks(LAG_CURVE_SAMPLES)
@@ -267,6 +269,7 @@ async fn debug_sync(
             body["lag_ms"] = json!({
                 "samples": lag.len(), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0),
                 "max_per_run": curve, "run_samples": LAG_CURVE_SAMPLES,
+                "stages_us": lag_stages(&samples),
             });
             body["sync"] = json!({
                 "batches_published": m.batches_published,
@@ -280,6 +283,25 @@ async fn debug_sync(
         Ok(ApiJson(body))
     })
     .await
+}
+
+/// Percentiles (µs) of each stage of the replication lag (see `crdt_sync::sync::LagSample`).
+fn lag_stages(samples: &[LagSample]) -> Value {
+    let summary = |mut values: Vec<u64>| -> Value {
+        if values.is_empty() {
+            return Value::Null;
+        }
+        values.sort_unstable();
+        let pick = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        json!({"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": pick(1.0)})
+    };
+    json!({
+        "total": summary(samples.iter().map(|s| s.total_us).collect()),
+        "queued": summary(samples.iter().filter_map(|s| s.queued_us).collect()),
+        "transit": summary(samples.iter().filter_map(|s| s.transit_us).collect()),
+        "waited": summary(samples.iter().map(|s| s.waited_us).collect()),
+        "applied": summary(samples.iter().map(|s| s.applied_us).collect()),
+    })
 }
 
 #[cfg(test)]

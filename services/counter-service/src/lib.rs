@@ -36,7 +36,8 @@ pub struct Config {
     #[arg(long, env = "PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
-    /// Longest wait before local changes are published, in milliseconds.
+    /// Least time between two publish cycles of local changes, in milliseconds: the longest
+    /// a durable change waits to be published (after a quiet spell it leaves at once).
     #[arg(long, env = "FLUSH_INTERVAL_MS", default_value_t = crdt_sync::sync::FLUSH_INTERVAL_MS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub flush_interval_ms: u64,

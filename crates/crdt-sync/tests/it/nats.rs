@@ -144,6 +144,56 @@ async fn three_replicas_converge_with_duplicates_across_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_a_quiet_spell_is_published_at_once_and_its_lag_is_split_in_stages() {
+    let server = NatsServer::start();
+    let members = ["a", "b"];
+    // Nothing but the increments is published: no ticks, no anti-entropy after the first
+    // round (core NATS, not the publisher).
+    let flush_interval = Duration::from_secs(2);
+    let quiet = SyncConfig {
+        flush_interval_ms: flush_interval.as_millis() as u64,
+        anti_entropy_interval_ms: 600_000,
+        tick_interval_ms: 600_000,
+        ..SyncConfig::default()
+    };
+    let mut replicas = Vec::new();
+    for node in members {
+        let client = async_nats::connect(&server.url).await.expect("connect");
+        let replica =
+            Replica::new(ReplicaConfig::new(node, &members), MemOpLog::new()).expect("replica");
+        replicas.push(SyncedReplica::start(client, replica, quiet.clone()).await.expect("start"));
+    }
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let doc = DocId::counter("production").unwrap();
+
+    let started = Instant::now();
+    assert!(increment(a, &doc, "first"));
+    eventually("b sees the first increment", || counter(b, &doc).0 == 1).await;
+    // The publisher had published nothing before: the batch left without waiting for a
+    // flush interval.
+    assert!(
+        started.elapsed() < flush_interval,
+        "the first batch took {:?}, a whole flush interval",
+        started.elapsed()
+    );
+    let samples = b.lag_samples();
+    assert_eq!(samples.len(), 1);
+    let sample = samples[0];
+    let stages = sample.queued_us.expect("publish time sent")
+        + sample.transit_us.expect("publish time sent")
+        + sample.waited_us
+        + sample.applied_us;
+    assert_eq!(stages, sample.total_us, "the stages add up to the lag: {sample:?}");
+
+    // Right after a publish, the next batch waits for its cycle, and still arrives.
+    assert!(increment(a, &doc, "second"));
+    eventually("b sees the second increment", || counter(b, &doc).0 == 2).await;
+    for replica in &replicas {
+        replica.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_replica_catches_up_by_anti_entropy() {
     let server = NatsServer::start();
     let members = ["a", "b", "c"];

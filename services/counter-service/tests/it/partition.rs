@@ -93,4 +93,14 @@ async fn a_partitioned_replica_keeps_writing_and_all_converge_on_heal() {
         assert_eq!(status, 200);
     }
     support::wait_converged(&refs, "load", expected).await;
+    // a and b replicated to each other over the stream: their lag and its stages show.
+    for replica in &replicas[..2] {
+        let (_, body) = replica.get_json("/debug/sync").await.unwrap();
+        let stages = &body["lag_ms"]["stages_us"];
+        for stage in ["total", "queued", "transit", "waited", "applied"] {
+            let p50 = stages[stage]["p50"].as_u64();
+            let max = stages[stage]["max"].as_u64();
+            assert!(p50.is_some() && p50 <= max, "{stage}: {stages}");
+        }
+    }
 }
