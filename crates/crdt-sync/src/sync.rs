@@ -639,7 +639,7 @@ async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer:
         // Drain what is already waiting: one automerge apply costs a pass
         // over the document, so applying many batches at once is far
         // cheaper than one by one. Applied here rather than handed to a thread of its
-        // own: the wake-up of that thread cost a quarter of a millisecond at the median
+        // own: the wake-up of that thread cost a quarter of a millisecond or more at the median
         // (docs/BENCHMARKS.md, counter-service).
         let mut received: Vec<Received> = accept(&shared, message).into_iter().collect();
         while received.len() < RECEIVE_BATCHES_MAX {

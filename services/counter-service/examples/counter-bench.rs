@@ -42,11 +42,12 @@ async fn debug(http: &reqwest::Client, base: &str, docs: bool) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-fn rss_bytes(pid: u32) -> u64 {
+/// The process's resident set (`VmRSS`) or its peak so far (`VmHWM`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
@@ -235,7 +236,8 @@ async fn main() -> anyhow::Result<()> {
                 "step_per_s": done as f64 / elapsed.as_secs_f64(),
                 "doc_bytes": body["doc_bytes"]["counter:growth"],
                 "disk_bytes": body["disk_bytes"],
-                "rss_bytes": rss_bytes(pid),
+                "rss_bytes": status_bytes(pid, "VmRSS:"),
+                "rss_peak_bytes": status_bytes(pid, "VmHWM:"),
                 "automerge_ops": body["automerge_ops"],
                 "changes": body["changes"],
                 "epoch": body["epoch"],
