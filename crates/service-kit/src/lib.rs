@@ -42,6 +42,22 @@ pub fn tune_allocator() {
     }
 }
 
+/// Caps glibc's malloc arenas at `max` (its default is 8 per core: a thread that allocated
+/// in an arena of its own keeps that arena's freed pages, so a process whose threads take
+/// turns building large transient buffers holds several heaps' worth). A no-op elsewhere.
+/// Call it before any thread starts, i.e. before [`run_main`]. counter-service caps them at
+/// 2 (docs/BENCHMARKS.md, counter-service: RSS after 1,000,000 increments).
+pub fn limit_malloc_arenas(max: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, max.clamp(1, i32::MAX as usize) as i32);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = max;
+}
+
 /// Runs a service's async `main` on a multi-threaded runtime and turns its outcome into
 /// the process exit code: 0 on a clean shutdown, 1 on a runtime failure (logged).
 pub fn run_main<F>(service: &'static str, main: F) -> std::process::ExitCode

@@ -21,6 +21,11 @@ use crate::engine::{Engine, EngineConfig};
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 1_000;
 /// Period of the NATS reconnect watch.
 pub const RECONNECT_WATCH_MS: u64 = 100;
+/// glibc malloc arenas of the process (`service_kit::limit_malloc_arenas`). After 1,000,000
+/// increments in counter-bench the replica held 69.5 MB with glibc's default, 64.7 MB with
+/// 2 arenas and 57.9 MB with 1 (one run each, docs/BENCHMARKS.md); 2 is one per core of a
+/// 2-core edge node, and 1 looked slower on durable increments/s, within the noise.
+pub const MALLOC_ARENAS_MAX: usize = 2;
 
 /// counter-service flags (CONTRACT.md).
 #[derive(Debug, Clone, Parser)]
