@@ -1638,6 +1638,33 @@ mod tests {
     }
 
     #[test]
+    fn a_known_total_is_carried_exactly_across_a_peers_folds() {
+        let mut r = replicas();
+        let doc = production();
+        for i in 0..10 {
+            r[0].increment(&doc, &format!("op-{i}"), i + 1, 1).unwrap();
+        }
+        sync_all(&mut r);
+        for replica in r.iter_mut().skip(1) {
+            replica.tick(5).unwrap();
+        }
+        sync_all(&mut r);
+        // b answers a write of its own with the total: from then on it carries the total
+        // across what it applies instead of walking the document.
+        assert_eq!(r[1].increment(&doc, "b-1", 100, 6).unwrap().value, 155);
+        // a folds its ten entries (every member acked them); b applies the fold as a peer
+        // batch: each op_id leaves the live entries and its amount joins folded[a].
+        let folds = r[0].tick(10).unwrap();
+        assert!(!folds.is_empty());
+        for (doc, batch) in &folds {
+            r[1].apply_changes(doc, batch.as_bytes()).unwrap();
+        }
+        assert_eq!(value(&r[1]).live_ops, 1, "a's entries folded at b: {:?}", value(&r[1]));
+        // The carried total answers b's next write.
+        assert_eq!(r[1].increment(&doc, "b-2", 1, 11).unwrap().value, 156);
+    }
+
+    #[test]
     fn tick_steps_fold_a_backlog_in_bounded_pieces_and_keep_the_value() {
         let mut r = replicas();
         let doc = production();
