@@ -96,6 +96,7 @@ pub(crate) struct Counters {
     pub segments_reused: AtomicU64,
     pub segments_recycled: AtomicU64,
     pub dedup_chunks: AtomicU64,
+    pub group_buffer_bytes: AtomicU64,
 }
 
 /// What the writer has done since the log was opened.
@@ -125,6 +126,9 @@ pub struct Stats {
     /// Chunks of UUIDv7 ids the dedup index held after its last write (at most
     /// [`crate::DEDUP_WINDOW_MAX_CHUNKS`]).
     pub dedup_chunks: u64,
+    /// Capacity the writer's group buffer kept after its last commit (at most
+    /// [`crate::GROUP_BUFFER_RETAIN_BYTES`]).
+    pub group_buffer_bytes: u64,
 }
 
 impl Shared {
@@ -447,6 +451,7 @@ impl EventLog {
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
             segments_recycled: c.segments_recycled.load(Ordering::Relaxed),
             dedup_chunks: c.dedup_chunks.load(Ordering::Relaxed),
+            group_buffer_bytes: c.group_buffer_bytes.load(Ordering::Relaxed),
         }
     }
 

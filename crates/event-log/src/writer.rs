@@ -18,7 +18,8 @@ use crate::error::{Error, Result, io};
 use crate::index::{self, Checkpoint, IndexEntry, Locator};
 use crate::log::Shared;
 use crate::options::{
-    AppendRequest, Appended, CompactReport, DEDUP_WINDOW_MAX_CHUNKS, Durability, MAX_UNSYNCED_BYTES,
+    AppendRequest, Appended, CompactReport, DEDUP_WINDOW_MAX_CHUNKS, Durability,
+    GROUP_BUFFER_RETAIN_BYTES, MAX_UNSYNCED_BYTES,
 };
 use crate::record::{
     self, END_MARKER_BYTES, FLAG_BATCH_CONTINUES, GENESIS_HASH, Hash, SEGMENT_HEADER_BYTES,
@@ -677,6 +678,11 @@ impl Writer {
         }
         self.buf = buf;
         self.buf.clear();
+        if self.buf.capacity() > GROUP_BUFFER_RETAIN_BYTES {
+            // A huge record went through: do not keep its pages resident.
+            self.buf = Vec::new();
+        }
+        self.shared.stats.group_buffer_bytes.store(self.buf.capacity() as u64, Ordering::Relaxed);
         if let Err(e) = result {
             return self.fail(e);
         }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_log::sim::SimVfs;
-use event_log::{AppendRequest, Durability, Error, EventLog, GENESIS_HASH, Options};
+use event_log::{
+    AppendRequest, Durability, Error, EventLog, GENESIS_HASH, GROUP_BUFFER_RETAIN_BYTES, Options,
+};
 
 use crate::support::{block_on, id, request, small_options};
 
@@ -575,4 +577,26 @@ fn a_lagging_index_makes_the_writer_wait_so_the_tail_after_a_crash_stays_bounded
     let tail = log.stats().tail_events_at_open;
     assert!(tail <= bound, "the open scanned {tail} events past the checkpoint (bound {bound})");
     assert_eq!(log.verify().unwrap().first_bad, None);
+}
+
+#[test]
+fn a_huge_record_does_not_keep_the_group_buffer_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        max_payload_bytes: 8 * GROUP_BUFFER_RETAIN_BYTES,
+        max_batch_bytes: 9 * GROUP_BUFFER_RETAIN_BYTES,
+        ..Options::default()
+    };
+    let log = EventLog::open(dir.path(), options).unwrap();
+    log.append(request("s", 1, 4 * GROUP_BUFFER_RETAIN_BYTES)).unwrap();
+    let after_huge = log.stats().group_buffer_bytes;
+    assert!(
+        after_huge <= GROUP_BUFFER_RETAIN_BYTES as u64,
+        "the writer kept {after_huge} bytes of buffer after a 4 MiB record"
+    );
+    // Small records still go through the kept buffer, and the huge one reads back whole.
+    log.append(request("s", 2, 100)).unwrap();
+    assert!(log.stats().group_buffer_bytes > 0);
+    let huge = log.read(1).unwrap().unwrap();
+    assert_eq!(huge.payload.len(), 4 * GROUP_BUFFER_RETAIN_BYTES);
 }
