@@ -1637,8 +1637,9 @@ mod tests {
         assert_eq!(retry.value, 3);
     }
 
-    #[test]
-    fn a_known_total_is_carried_exactly_across_a_peers_folds() {
+    /// a wrote ten entries (amounts 1..=10, 55 in all) and every member acked them: they
+    /// are stable, ready for a to fold.
+    fn ten_entries_at_a_acked_by_all() -> (Vec<Replica<MemOpLog>>, DocId) {
         let mut r = replicas();
         let doc = production();
         for i in 0..10 {
@@ -1649,6 +1650,12 @@ mod tests {
             replica.tick(5).unwrap();
         }
         sync_all(&mut r);
+        (r, doc)
+    }
+
+    #[test]
+    fn a_known_total_is_carried_exactly_across_a_peers_folds() {
+        let (mut r, doc) = ten_entries_at_a_acked_by_all();
         // b answers a write of its own with the total: from then on it carries the total
         // across what it applies instead of walking the document.
         assert_eq!(r[1].increment(&doc, "b-1", 100, 6).unwrap().value, 155);
@@ -1666,16 +1673,7 @@ mod tests {
 
     #[test]
     fn tick_steps_fold_a_backlog_in_bounded_pieces_and_keep_the_value() {
-        let mut r = replicas();
-        let doc = production();
-        for i in 0..10 {
-            r[0].increment(&doc, &format!("op-{i}"), i + 1, 1).unwrap();
-        }
-        sync_all(&mut r);
-        for replica in r.iter_mut().skip(1) {
-            replica.tick(5).unwrap();
-        }
-        sync_all(&mut r);
+        let (mut r, _) = ten_entries_at_a_acked_by_all();
         // Every member acked: a's ten entries are stable, folded at most three per step.
         let (mut steps, mut more) = (0, true);
         while more {
