@@ -127,7 +127,7 @@ pub struct Stats {
     /// [`crate::DEDUP_WINDOW_MAX_CHUNKS`]).
     pub dedup_chunks: u64,
     /// Capacity the writer's group buffer kept after its last commit (at most
-    /// [`crate::GROUP_BUFFER_RETAIN_BYTES`]).
+    /// [`crate::GROUP_BUFFER_RETAIN_BYTES`] or twice `max_group_bytes`, the larger).
     pub group_buffer_bytes: u64,
 }
 

@@ -41,9 +41,10 @@ pub const ID_CHUNK_SPAN_MS_MAX: u64 = 10_000;
 /// dropped at the next index write, so at high rates the window is shorter than
 /// `dedup_window` (`Stats::dedup_chunks` shows how close the index is).
 pub const DEDUP_WINDOW_MAX_CHUNKS: u64 = 8192;
-/// Capacity the writer's group buffer keeps between group commits. A larger record (a
-/// counter epoch's genesis of several MB, say) grows it; after that commit it is released,
-/// so its pages do not stay resident for the rest of the process.
+/// Capacity the writer's group buffer keeps between group commits, or twice
+/// `max_group_bytes` if that is more (a full group may double it). A larger record (a
+/// counter epoch's genesis of several MB, say) grows it beyond; after that commit it is
+/// released, so its pages do not stay resident for the rest of the process.
 pub const GROUP_BUFFER_RETAIN_BYTES: usize = 1024 * 1024;
 /// Most UUIDv7 ids the chunks hold (about 22 million of random ids, at 12 bytes each).
 pub const DEDUP_WINDOW_MAX_EVENTS: u64 = DEDUP_WINDOW_MAX_CHUNKS * ID_CHUNK_MAX_EVENTS as u64;

@@ -678,7 +678,9 @@ impl Writer {
         }
         self.buf = buf;
         self.buf.clear();
-        if self.buf.capacity() > GROUP_BUFFER_RETAIN_BYTES {
+        // A full group may double the buffer past `max_group_bytes`; keep that much.
+        let retain = GROUP_BUFFER_RETAIN_BYTES.max(2 * self.shared.options.max_group_bytes);
+        if self.buf.capacity() > retain {
             // A huge record went through: do not keep its pages resident.
             self.buf = Vec::new();
         }
