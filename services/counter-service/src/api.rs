@@ -262,9 +262,7 @@ async fn debug_sync(
                 .map(|run| run.iter().copied().max().unwrap_or(0))
                 .collect();
             lag.sort_unstable();
-            let pick = |q: f64| -> Option<u64> {
-                (!lag.is_empty()).then(|| lag[((lag.len() - 1) as f64 * q).round() as usize])
-            };
+            let pick = |q: f64| percentile(&lag, q);
             let m = synced.metrics();
             body["lag_ms"] = json!({
                 "samples": lag.len(), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0),
@@ -285,6 +283,11 @@ async fn debug_sync(
     .await
 }
 
+/// The `q` quantile (0..=1, nearest rank) of sorted `values`; `None` if there are none.
+fn percentile(values: &[u64], q: f64) -> Option<u64> {
+    (!values.is_empty()).then(|| values[((values.len() - 1) as f64 * q).round() as usize])
+}
+
 /// Percentiles (µs) of each stage of the replication lag (see `crdt_sync::sync::LagSample`).
 fn lag_stages(samples: &[LagSample]) -> Value {
     let summary = |mut values: Vec<u64>| -> Value {
@@ -292,7 +295,7 @@ fn lag_stages(samples: &[LagSample]) -> Value {
             return Value::Null;
         }
         values.sort_unstable();
-        let pick = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        let pick = |q: f64| percentile(&values, q);
         json!({"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": pick(1.0)})
     };
     json!({
