@@ -143,12 +143,15 @@ def main():
                    lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), 30)
         stat_path = device_stat_path(data)
         sim_out = open(os.path.join(base, "arm-sim.json"), "wb")
+        # arm-sim's progress lines go to logs.txt when asked for (--sim-arg=--progress-ms=250).
+        asked = any(a.startswith("--progress-ms") for a in args.sim_arg)
+        progress = [] if asked else ["--progress-ms", "0"]
         sim = subprocess.Popen(
             [os.path.join(args.bin_dir, "arm-sim"), "--arms", str(args.arms),
              "--sensor-hz", str(args.sensor_hz), "--plan-hz", str(args.plan_hz),
              "--cycle-hz", str(args.cycle_hz), "--duration-s", str(args.duration_s),
              "--controller-url", f"http://127.0.0.1:{http_port}", "--nats-url", nats_url,
-             "--fake-safety-leader", "--json", "--progress-ms", "0", *args.sim_arg],
+             "--fake-safety-leader", "--json", *progress, *args.sim_arg],
             stdout=sim_out, stderr=logs)
         procs.append(sim)
         started = time.monotonic()

@@ -33,5 +33,5 @@ pub use error::{Error, Result};
 pub use log::{EventLog, INDEX_FILE_NAME, Stats, Subscription};
 pub use options::*;
 pub use record::{Event, GENESIS_HASH, Hash};
-pub use segment::{SEGMENT_SUFFIX, parse_segment_name, segment_name};
+pub use segment::{PREALLOC_NAME, SEGMENT_SUFFIX, parse_segment_name, segment_name};
 pub use vfs::{RedbBackend, StdVfs, Vfs, VfsFile};

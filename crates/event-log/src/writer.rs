@@ -329,6 +329,16 @@ impl Writer {
 
     pub(crate) fn run(mut self) {
         self.remember_recovered_tail();
+        // A fresh log has no segment yet, and a reopened one may be past the point where the
+        // next segment is made: start making it now, not on the path of a first append that
+        // would wait for its zeros (a whole segment written and synced).
+        if self
+            .active
+            .as_ref()
+            .is_none_or(|a| self.write_offset > a.len_bytes / PREALLOC_AT_FILL_DIVISOR)
+        {
+            self.start_prealloc();
+        }
         loop {
             let first = match self.next_wakeup() {
                 Some(deadline) => {

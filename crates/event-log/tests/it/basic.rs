@@ -580,6 +580,25 @@ fn a_lagging_index_makes_the_writer_wait_so_the_tail_after_a_crash_stays_bounded
 }
 
 #[test]
+fn a_fresh_log_makes_its_first_segment_before_the_first_append() {
+    // The first append must not wait for a whole segment of zeros to be written and synced.
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { segment_bytes: 4 * 1024 * 1024, ..Options::default() };
+    let log = EventLog::open(dir.path(), options.clone()).unwrap();
+    let next = dir.path().join(event_log::PREALLOC_NAME);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&next).map_or(0, |m| m.len()) < options.segment_bytes {
+        assert!(Instant::now() < deadline, "no segment was made in the background after open");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(log.segment_paths().is_empty(), "no append yet, so no segment yet");
+    log.append(request("arm-1", 1, 10)).unwrap();
+    assert_eq!(log.segment_paths().len(), 1);
+    assert_eq!(log.stats().segments_zero_filled, 1);
+    assert!(!next.exists(), "the made file became the first segment");
+}
+
+#[test]
 fn a_huge_record_does_not_keep_the_group_buffer_large() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
