@@ -296,9 +296,15 @@ impl ArmDurable {
     }
 }
 
+/// Appends to a retry window, dropping its oldest entry when full. The window takes its whole
+/// capacity at its first push, so its memory is reached at once and does not creep up by
+/// doublings as it fills (a cycle window fills in 32 minutes at a cycle every 30 s).
 fn push_bounded(acks: &mut VecDeque<Ack>, ack: Ack, max: usize) {
     if acks.len() >= max {
         acks.pop_front();
+    }
+    if acks.capacity() < max {
+        acks.reserve_exact(max - acks.len());
     }
     acks.push_back(ack);
 }
@@ -400,10 +406,15 @@ mod tests {
     #[test]
     fn plans_fold_in_order_and_keep_a_bounded_retry_window() {
         let mut state = State::default();
-        for v in 1..=(PLAN_RETRY_WINDOW as u64 + 5) {
+        state.apply(&plan_event(1, "arm-001", "u1", 1));
+        // The window's memory is taken at its first entry, not in doublings as it fills.
+        let capacity = state.arms["arm-001"].plan_acks.capacity();
+        assert!(capacity >= PLAN_RETRY_WINDOW, "capacity {capacity} after the first entry");
+        for v in 2..=(PLAN_RETRY_WINDOW as u64 + 5) {
             state.apply(&plan_event(v, "arm-001", &format!("u{v}"), v));
         }
         let arm = &state.arms["arm-001"];
+        assert_eq!(arm.plan_acks.capacity(), capacity, "no growth while it fills");
         assert_eq!(arm.plan_version(), PLAN_RETRY_WINDOW as u64 + 5);
         assert_eq!(arm.plan_acks.len(), PLAN_RETRY_WINDOW);
         assert!(arm.plan_retry("u1", 1).is_none(), "outside the window");
