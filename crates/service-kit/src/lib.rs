@@ -66,6 +66,12 @@ where
 {
     tune_allocator();
     telemetry::init_tracing(service);
+    // The Prometheus recorder's clock (quanta) calibrates the CPU's counter on first use,
+    // spinning until two clocks agree or 200 ms pass. Built in a service's main task, it
+    // competed with that service's own threads (a recovery, the event log's index) and
+    // sometimes took the whole 200 ms, on the way to the HTTP listener and `/readyz` (1 to 5
+    // restarts in 20 of arm-controller's recovery bench). Here no other thread of ours runs.
+    crate::metrics::prometheus();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -90,5 +96,23 @@ where
 pub fn ensure_data_dir(dir: &Path) {
     if let Err(err) = std::fs::create_dir_all(dir) {
         config::exit_invalid(&format!("--data-dir {}: {err}", dir.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_metrics_recorder_is_built_before_the_service_runs() {
+        // One process per test (nextest), so nothing built the recorder before this call.
+        let built = Arc::new(AtomicBool::new(false));
+        let seen = built.clone();
+        super::run_main("test", async move {
+            seen.store(crate::metrics::installed(), Ordering::SeqCst);
+            Ok(())
+        });
+        assert!(built.load(Ordering::SeqCst), "the recorder was not built before main ran");
     }
 }

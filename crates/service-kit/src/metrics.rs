@@ -11,6 +11,11 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// scrapes).
 pub const UPKEEP_INTERVAL_MS: u64 = 5_000;
 
+/// Whether [`prometheus`] has built the recorder in this process.
+pub fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// Installs the Prometheus recorder on first call and returns its handle; later calls
 /// (other routers in the same test process) share it.
 pub fn prometheus() -> PrometheusHandle {
