@@ -8,7 +8,7 @@ use event_log::{
     AppendRequest, Durability, Error, EventLog, GENESIS_HASH, GROUP_BUFFER_RETAIN_BYTES, Options,
 };
 
-use crate::support::{block_on, id, request, small_options};
+use crate::support::{block_on, id, request, small_options, wait_for};
 
 #[test]
 fn append_read_and_chain() {
@@ -474,11 +474,9 @@ fn a_recovered_tail_is_checkpointed_without_waiting_for_the_intervals() {
     drop(log);
     let vfs = vfs.after_power_cut(&mut event_log::sim::SimRng::new(1));
     let log = EventLog::open_with_vfs(Arc::new(vfs), "/log", options).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while log.stats().checkpoints == 0 {
-        assert!(Instant::now() < deadline, "the recovered tail was not checkpointed");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for("the recovered tail checkpointed", Duration::from_secs(10), || {
+        log.stats().checkpoints > 0
+    });
     assert_eq!(log.head().position, 50);
 }
 
@@ -586,11 +584,9 @@ fn a_fresh_log_makes_its_first_segment_before_the_first_append() {
     let options = Options { segment_bytes: 4 * 1024 * 1024, ..Options::default() };
     let log = EventLog::open(dir.path(), options.clone()).unwrap();
     let next = dir.path().join(event_log::PREALLOC_NAME);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(&next).map_or(0, |m| m.len()) < options.segment_bytes {
-        assert!(Instant::now() < deadline, "no segment was made in the background after open");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("a segment made in the background after open", Duration::from_secs(20), || {
+        std::fs::metadata(&next).map_or(0, |m| m.len()) >= options.segment_bytes
+    });
     assert!(log.segment_paths().is_empty(), "no append yet, so no segment yet");
     log.append(request("arm-1", 1, 10)).unwrap();
     assert_eq!(log.segment_paths().len(), 1);

@@ -77,3 +77,13 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         }
     }
 }
+
+/// Waits until `condition` holds, checking every few milliseconds; panics naming `what` if it
+/// does not within `timeout` (no sleep-and-hope: the deadline is the only fixed time).
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
