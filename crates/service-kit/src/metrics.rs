@@ -12,7 +12,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub const UPKEEP_INTERVAL_MS: u64 = 5_000;
 
 /// Whether [`prometheus`] has built the recorder in this process.
-pub fn installed() -> bool {
+#[cfg(test)]
+pub(crate) fn installed() -> bool {
     HANDLE.get().is_some()
 }
 
