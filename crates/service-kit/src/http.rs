@@ -37,12 +37,12 @@ impl From<&crate::CommonArgs> for HttpLimits {
 
 /// Adds the shared routes and layers to a service's router.
 pub fn with_base(app: Router, readiness: Readiness, limits: HttpLimits) -> Router {
-    let prometheus = crate::metrics::prometheus();
+    let registry = crate::metrics::registry();
     let base = Router::new()
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .with_state(readiness)
-        .route("/metrics", get(move || std::future::ready(prometheus.render())));
+        .route("/metrics", get(move || std::future::ready(registry.render())));
     let timeout = Duration::from_millis(limits.request_timeout_ms);
     let body_limit_bytes = limits.body_limit_bytes;
     app.merge(base)

@@ -66,12 +66,9 @@ where
 {
     tune_allocator();
     telemetry::init_tracing(service);
-    // The Prometheus recorder's clock (quanta) calibrates the CPU's counter on first use,
-    // spinning until two clocks agree or 200 ms pass. Built in a service's main task, it
-    // competed with that service's own threads (a recovery, the event log's index) and
-    // sometimes took the whole 200 ms, on the way to the HTTP listener and `/readyz` (1 to 5
-    // restarts in 20 of arm-controller's recovery bench). Here no other thread of ours runs.
-    crate::metrics::prometheus();
+    // Installed before any of the service's threads, so that no metric handle is taken
+    // from the facade's no-op recorder.
+    crate::metrics::registry();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -239,8 +239,6 @@ async fn run_ticker(ctl: Arc<Controller>, readiness: Readiness, stop: Shutdown) 
             if let Some(bytes) = process_write_bytes() {
                 metrics::gauge!("keel_process_write_bytes").set(bytes as f64);
             }
-            // Drain histogram samples into their summaries even when nobody scrapes.
-            service_kit::metrics::prometheus().run_upkeep();
             let stats = ctl.log().stats();
             let commits = stats.group_commits - last_stats.group_commits;
             let events = stats.events - last_stats.events;
