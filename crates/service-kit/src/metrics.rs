@@ -12,9 +12,9 @@
 //!   series is dropped and counted in `keel_metrics_series_dropped_total`.
 //!
 //! Built without a calibrated clock. The exporter it replaces (metrics-exporter-prometheus)
-//! calibrated quanta's TSC clock at start, spinning for up to 200 ms on a busy machine.
-//! It also queued every histogram sample until upkeep (300,000 a second under arm-controller's
-//! sensor load) and grew a sketch per series (docs/BENCHMARKS.md, arm-controller).
+//! calibrated quanta's TSC clock at start, spinning for up to 200 ms on a busy machine. It
+//! also queued every histogram sample until its upkeep and grew a sketch per series
+//! (docs/BENCHMARKS.md, arm-controller).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
