@@ -9,7 +9,8 @@
 //!   and maximum. Negative samples count as 0; NaN is dropped.
 //! - Its memory is fixed when a series is first registered. Nothing grows with the samples,
 //!   and no thread drains them. At most [`SERIES_MAX`] series per kind; past that a new
-//!   series is dropped and counted in `keel_metrics_series_dropped_total`.
+//!   series is dropped, and every registration of it (the facade registers at each macro
+//!   call) is counted in `keel_metrics_series_dropped_total`.
 //!
 //! Built without a calibrated clock. The exporter it replaces (metrics-exporter-prometheus)
 //! calibrated quanta's TSC clock at start, spinning for up to 200 ms on a busy machine. It
