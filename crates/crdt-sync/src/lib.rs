@@ -74,8 +74,9 @@
 //!   remote apply costs a pass over the touched objects, so a counter's
 //!   history is bounded by epochs (below): at most two epoch documents of
 //!   about [`ReplicaConfig::epoch_changes_min`] changes each, plus the sealed
-//!   tombstones of the dedup window (about 10 bytes per op_id of 8 bytes in
-//!   the document, and 8 bytes of hash in memory).
+//!   tombstones of the dedup window (about 10 bytes per op_id of 8 bytes, in
+//!   the current epoch document for the epoch before it and in the replica's
+//!   archive for older ones, and 8 bytes of hash in memory).
 //!
 //! # Epochs (counters)
 //!
@@ -85,10 +86,24 @@
 //! `epoch_changes_min` changes, every member joined e and no older epoch is
 //! kept: it builds a fresh document whose one genesis change holds the state
 //! of e at its heads C: per-node totals (folded plus live, so every live
-//! entry is folded), every tombstone and every live op_id sealed into one
-//! sorted bytes value per tombstone bucket, no acks, and `joined[coordinator]`.
+//! entry is folded), e's tombstones and live op_ids sealed into one sorted
+//! bytes value per tombstone bucket, no acks, and `joined[coordinator]`.
 //! It logs it, publishes it, and writes only to e+1 from then on. No
-//! agreement on C is needed:
+//! agreement on C is needed. The op_ids e itself inherited sealed (from
+//! older epochs) are not copied: every replica moves them into its *archive*
+//! when it moves to e+1 (kept in memory and in its snapshots, rebuilt from
+//! the geneses when its log is replayed, each bucket dropped when it is past
+//! the dedup window), so a genesis is bounded by its epoch, not by the window.
+//! Sealed op_ids are known to a replica if the current epoch or its archive
+//! holds them. A member restored without its data directory rebuilds its
+//! documents by anti-entropy but not its archive: until the window passes
+//! it recognises only the op_ids of the last two epochs and of those it has
+//! seen since, so restore a member's data directory rather than starting it
+//! empty. A genesis built by an earlier version seals the whole window (the
+//! archive is cleared then); an earlier version cannot use a chained one:
+//! upgrade every member before the coordinator.
+//!
+//! The steps:
 //!
 //! 1. A member that receives the genesis moves to e+1 (e becomes its
 //!    *previous* epoch) and *joins*: in one change it re-writes into e+1 every

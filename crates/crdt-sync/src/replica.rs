@@ -189,7 +189,7 @@ struct DocState {
     previous: Option<EpochDoc>,
     /// Changes of the epoch after `cur` received before its genesis.
     next: Option<EpochDoc>,
-    /// Hashes of `cur`'s sealed tombstones.
+    /// Hashes of `cur`'s sealed tombstones, and the archive of earlier epochs' (counters).
     sealed: counter::SealedIndex,
     /// Epoch of the last sync message from each peer, answered first.
     reply_epoch: BTreeMap<String, u64>,
@@ -265,10 +265,11 @@ impl DocState {
     /// After `cur` changed epochs or received its genesis.
     fn reindex(&mut self, id: &DocId) -> Result<(), Error> {
         self.indexed = self.cur.ready();
+        let archive = std::mem::take(&mut self.sealed.archive);
         self.sealed = if id.kind() == DocKind::Counter && self.indexed {
-            counter::SealedIndex::build(&self.cur.doc, id)?
+            counter::SealedIndex::build(&self.cur.doc, id, archive)?
         } else {
-            counter::SealedIndex::default()
+            counter::SealedIndex::with_archive(archive)
         };
         self.self_joined = false;
         self.counter_total = None;
@@ -408,7 +409,7 @@ impl<L: OpLog> Replica<L> {
         if let Some(bytes) = snapshot {
             let decoded = snapshot::decode(bytes)?;
             after_position = decoded.covers_position;
-            for (id, parts) in decoded.docs {
+            for (id, parts, archived) in decoded.docs {
                 let mut current = None;
                 let mut previous = None;
                 let mut next = None;
@@ -430,6 +431,7 @@ impl<L: OpLog> Replica<L> {
                     reason: format!("{id} has no current epoch"),
                 })?;
                 let mut state = DocState::new(&id, current.epoch, current.doc)?;
+                state.sealed.archive = counter::SealedArchive::from_saved(&id, archived)?;
                 state.previous = previous;
                 state.next = next;
                 replica.docs.insert(id, state);
@@ -642,6 +644,8 @@ impl<L: OpLog> Replica<L> {
             }
             // A join that failed when the epoch arrived is retried here.
             self.join_epoch(&id)?;
+            let state = self.docs.get_mut(&id).expect("listed above");
+            state.sealed.archive.expire(now_ms, self.dedup_window_ms);
             let state = &self.docs[&id];
             // A backlog left by the previous step is written first, without a new scan
             // (a scan reads every live entry); it belongs to the epoch it was planned in.
@@ -1195,14 +1199,14 @@ impl<L: OpLog> Replica<L> {
             epoch: epoch_doc.epoch,
             bytes: epoch_doc.doc.save(),
         };
-        let docs: Vec<(DocId, Vec<Part>)> = self
+        let docs: Vec<snapshot::SavedDoc<'_>> = self
             .docs
             .iter()
             .map(|(id, state)| {
                 let mut parts = vec![part(Role::Current, &state.cur)];
                 parts.extend(state.previous.as_ref().map(|p| part(Role::Previous, p)));
                 parts.extend(state.next.as_ref().map(|n| part(Role::Next, n)));
-                (id.clone(), parts)
+                (id.clone(), parts, state.sealed.archive.saved().collect())
             })
             .collect();
         Snapshot { bytes: snapshot::encode(covers_position, &docs), covers_position }
@@ -1220,10 +1224,14 @@ impl<L: OpLog> Replica<L> {
         Ok(())
     }
 
-    /// Size of `doc` saved (what a snapshot stores for it), in bytes.
+    /// Size of `doc` saved (what a snapshot stores for it: its epoch documents and a
+    /// counter's archive of sealed tombstones), in bytes.
     /// Costs a save; call it at metrics intervals, not per operation.
     pub fn doc_bytes(&self, doc: &DocId) -> Option<usize> {
-        self.docs.get(doc).map(|state| state.epoch_docs().map(|d| d.doc.save().len()).sum())
+        self.docs.get(doc).map(|state| {
+            state.epoch_docs().map(|d| d.doc.save().len()).sum::<usize>()
+                + state.sealed.archive.bytes()
+        })
     }
 
     /// Counter epochs this replica entered (cheap; [`ReplicaMetrics::epochs_entered`]).
@@ -1446,6 +1454,11 @@ fn settle_epochs(state: &mut DocState, id: &DocId, members: &[String]) -> Result
     let mut entered = 0;
     if state.next.as_ref().is_some_and(EpochDoc::ready) {
         let next = state.next.take().expect("checked above");
+        // The sealed tombstones of the epoch left behind stay with this replica when the
+        // new genesis does not copy them (see `counter::SealedArchive`).
+        let leaving = counter::sealed_buckets(&state.cur.doc, id)?;
+        let chained = counter::is_chained(&next.doc);
+        state.sealed.archive.advance(id, leaving, chained)?;
         state.previous = Some(std::mem::replace(&mut state.cur, next));
         state.reindex(id)?;
         entered = 1;
@@ -1754,6 +1767,76 @@ mod tests {
         let mut recovered = Replica::recover(config, std::mem::take(&mut r.log), None).unwrap();
         assert_eq!(value(&recovered).value, total + 5);
         assert!(!recovered.increment(&doc, "fresh", 5, now_ms + 400).unwrap().applied);
+    }
+
+    #[test]
+    fn a_genesis_seals_only_its_epoch_and_the_archive_survives_restarts_until_the_window() {
+        let window_ms = 120_000;
+        let config = |node: &str, incarnation| ReplicaConfig {
+            epoch_changes_min: 30,
+            dedup_window_ms: window_ms,
+            incarnation,
+            ..ReplicaConfig::new(node, &NODES)
+        };
+        let mut r: Vec<_> =
+            NODES.iter().map(|n| Replica::new(config(n, 0), MemOpLog::new()).unwrap()).collect();
+        let doc = production();
+        let genesis_bytes = |r: &Replica<MemOpLog>| {
+            let cur = &r.docs[&doc].cur.doc;
+            cur.get_changes(&[]).iter().find(|c| c.deps().is_empty()).map(|c| c.raw_bytes().len())
+        };
+        let mut geneses = BTreeMap::new();
+        let mut total = 0;
+        for round in 0..40u64 {
+            let now_ms = round * 1_000;
+            for i in 0..30u64 {
+                let op_id = format!("op-{round}-{i}");
+                assert!(r[(i % 3) as usize].increment(&doc, &op_id, 1, now_ms).unwrap().applied);
+                total += 1;
+            }
+            tick_and_sync(&mut r, now_ms);
+            if let (Some(epoch), Some(bytes)) = (r[0].epoch(&doc), genesis_bytes(&r[0])) {
+                geneses.insert(epoch, bytes);
+            }
+        }
+        assert!(geneses.len() >= 8, "epochs: {geneses:?}");
+        // Each genesis seals one epoch's op_ids (a few dozen), not the window (up to 1,200):
+        // the last one is no larger than the first that sealed a full epoch.
+        let sizes: Vec<usize> = geneses.values().copied().collect();
+        let last = *sizes.last().unwrap();
+        assert!(last <= 2 * sizes[2], "genesis bytes by epoch: {geneses:?}");
+        assert!(last < 10 * total / 4, "genesis bytes by epoch: {geneses:?}");
+        let check = |r: &mut Replica<MemOpLog>, now_ms: u64, what: &str| {
+            assert_eq!(value(r).value, total as i64, "{what}");
+            assert_eq!(value(r).tombstones, total, "{what}: every op_id remembered");
+            for round in (0..40).step_by(7) {
+                let op_id = format!("op-{round}-5");
+                assert!(!r.increment(&doc, &op_id, 1, now_ms).unwrap().applied, "{what}: {op_id}");
+            }
+        };
+        for replica in &mut r {
+            let node = replica.node_id.clone();
+            check(replica, 40_000, &format!("{node} live"));
+        }
+        // Recovered from the log alone, the archive is rebuilt from the geneses.
+        let log = std::mem::take(&mut r[1].log);
+        r[1] = Replica::recover(config("b", 1), log, None).unwrap();
+        check(&mut r[1], 40_000, "b from its log");
+        // Recovered from a snapshot that covers the whole log, the archive is in it.
+        for (i, node) in NODES.iter().enumerate() {
+            r[i].sync_log().unwrap();
+            let snapshot = r[i].snapshot();
+            r[i].truncate_log(snapshot.covers_position).unwrap();
+            let log = std::mem::take(&mut r[i].log);
+            r[i] = Replica::recover(config(node, 2), log, Some(&snapshot.bytes)).unwrap();
+            check(&mut r[i], 40_000, &format!("{node} from its snapshot"));
+        }
+        // Past the window every bucket expires, archived or not, and a retry counts again.
+        tick_and_sync(&mut r, 40_000 + window_ms + 20_000);
+        for replica in &mut r {
+            assert_eq!(value(replica).tombstones, 0, "{}", replica.node_id);
+        }
+        assert!(r[2].increment(&doc, "op-0-5", 1, 200_000).unwrap().applied);
     }
 
     #[test]

@@ -3,11 +3,17 @@
 //! Layout (integers little-endian):
 //!
 //! ```text
-//! magic: 8 bytes "KEELCRDT" | format: u16 = 2 | covers_position: u64 | doc_count: u32
+//! magic: 8 bytes "KEELCRDT" | format: u16 = 3 | covers_position: u64 | doc_count: u32
 //! doc_count x (id_len: u16 | id (UTF-8 "kind:name") | part_count: u8
-//!              part_count x (role: u8 | epoch: u64 | doc_len: u32 | automerge save bytes))
+//!              part_count x (role: u8 | epoch: u64 | doc_len: u32 | automerge save bytes)
+//!              archive_count: u32
+//!              archive_count x (bucket_len: u16 | bucket (UTF-8) | blob_len: u32 | blob))
 //! crc32: u32 over every byte before it
 //! ```
+//!
+//! The archive is a counter's sealed tombstones of earlier epochs
+//! (`counter::SealedArchive`), in the order they were archived. Format 2 had no
+//! archive (read as an empty one: its geneses sealed the whole window).
 //!
 //! A document is saved in up to three parts, one per epoch document it holds:
 //! role 0 the current epoch, 1 the previous one (kept until every member
@@ -20,7 +26,8 @@ use crate::doc_id::DocId;
 use crate::error::Error;
 
 const MAGIC: &[u8; 8] = b"KEELCRDT";
-const FORMAT: u16 = 2;
+const FORMAT: u16 = 3;
+const FORMAT_NO_ARCHIVE: u16 = 2;
 const FORMAT_LEGACY: u16 = 1;
 
 /// Which epoch document of a document a part holds.
@@ -39,22 +46,47 @@ pub(crate) struct Part {
     pub(crate) bytes: Vec<u8>,
 }
 
+/// A counter's archived sealed blobs: `(bucket key, blob)`.
+pub(crate) type Archive = Vec<(String, Vec<u8>)>;
+
+/// A document to save: its id, its epoch documents and its archive.
+pub(crate) type SavedDoc<'a> = (DocId, Vec<Part>, Vec<(&'a str, &'a [u8])>);
+
 /// A decoded snapshot.
 pub(crate) struct Decoded {
     pub(crate) covers_position: u64,
-    pub(crate) docs: Vec<(DocId, Vec<Part>)>,
+    pub(crate) docs: Vec<(DocId, Vec<Part>, Archive)>,
 }
 
-pub(crate) fn encode(covers_position: u64, docs: &[(DocId, Vec<Part>)]) -> Vec<u8> {
-    let mut bytes = Vec::new();
+pub(crate) fn encode(covers_position: u64, docs: &[SavedDoc<'_>]) -> Vec<u8> {
+    // Sized exactly: a growing vector of a large archive would hold up to twice its size.
+    let len_bytes = 8
+        + 2
+        + 8
+        + 4
+        + 4
+        + docs
+            .iter()
+            .map(|(id, parts, archive)| {
+                2 + id.to_string().len()
+                    + 1
+                    + parts.iter().map(|part| 1 + 8 + 4 + part.bytes.len()).sum::<usize>()
+                    + 4
+                    + archive
+                        .iter()
+                        .map(|(bucket, blob)| 2 + bucket.len() + 4 + blob.len())
+                        .sum::<usize>()
+            })
+            .sum::<usize>();
+    let mut bytes = Vec::with_capacity(len_bytes);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT.to_le_bytes());
     bytes.extend_from_slice(&covers_position.to_le_bytes());
     bytes.extend_from_slice(&(docs.len() as u32).to_le_bytes());
-    for (id, parts) in docs {
+    for (id, parts, archive) in docs {
         let id = id.to_string();
         // Ids are bounded by DOC_NAME_BYTES_MAX; documents by memory, far
-        // below 4 GiB; at most three parts.
+        // below 4 GiB; at most three parts; bucket keys by NODE_ID_BYTES_MAX + 21.
         bytes.extend_from_slice(&(id.len() as u16).to_le_bytes());
         bytes.extend_from_slice(id.as_bytes());
         bytes.push(parts.len() as u8);
@@ -64,9 +96,17 @@ pub(crate) fn encode(covers_position: u64, docs: &[(DocId, Vec<Part>)]) -> Vec<u
             bytes.extend_from_slice(&(part.bytes.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&part.bytes);
         }
+        bytes.extend_from_slice(&(archive.len() as u32).to_le_bytes());
+        for (bucket, blob) in archive {
+            bytes.extend_from_slice(&(bucket.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(bucket.as_bytes());
+            bytes.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(blob);
+        }
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(bytes.len(), len_bytes);
     bytes
 }
 
@@ -83,7 +123,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     let (format, rest) =
         rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated format"))?;
     let format = u16::from_le_bytes(*format);
-    if format != FORMAT && format != FORMAT_LEGACY {
+    if ![FORMAT, FORMAT_NO_ARCHIVE, FORMAT_LEGACY].contains(&format) {
         return Err(malformed("unknown format"));
     }
     let (position, rest) =
@@ -124,13 +164,34 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
             }
             (parts, after)
         };
-        docs.push((id, parts));
+        let (archive, after) =
+            if format == FORMAT { take_archive(after)? } else { (Vec::new(), after) };
+        docs.push((id, parts, archive));
         rest = after;
     }
     if !rest.is_empty() {
         return Err(malformed("trailing bytes"));
     }
     Ok(Decoded { covers_position: u64::from_le_bytes(*position), docs })
+}
+
+fn take_archive(bytes: &[u8]) -> Result<(Archive, &[u8]), Error> {
+    let (count, mut rest) = take_u32(bytes).ok_or_else(|| malformed("truncated archive"))?;
+    let mut archive = Vec::new();
+    for _ in 0..count {
+        let (len, after) =
+            rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated bucket length"))?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        if after.len() < len {
+            return Err(malformed("truncated bucket"));
+        }
+        let (bucket, after) = after.split_at(len);
+        let bucket = std::str::from_utf8(bucket).map_err(|_| malformed("bucket is not UTF-8"))?;
+        let (blob, after) = take_doc(after)?;
+        archive.push((bucket.to_owned(), blob));
+        rest = after;
+    }
+    Ok((archive, rest))
 }
 
 fn take_doc(bytes: &[u8]) -> Result<(Vec<u8>, &[u8]), Error> {
@@ -153,13 +214,35 @@ mod tests {
             Part { role: Role::Current, epoch: 3, bytes: vec![1, 2, 3] },
             Part { role: Role::Previous, epoch: 2, bytes: vec![4] },
         ];
-        let docs = vec![(DocId::counter("a").unwrap(), parts)];
+        let archive: Vec<(&str, &[u8])> = vec![("a|7", &[5, 6]), ("b|8", &[])];
+        let docs = vec![(DocId::counter("a").unwrap(), parts.clone(), archive)];
         let mut bytes = encode(42, &docs);
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.covers_position, 42);
-        assert_eq!(decoded.docs, docs);
+        let expected_archive = vec![("a|7".to_owned(), vec![5, 6]), ("b|8".to_owned(), vec![])];
+        assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, expected_archive)]);
         bytes[12] ^= 1;
         assert!(decode(&bytes).is_err());
         assert!(decode(&[]).is_err());
+    }
+
+    #[test]
+    fn format_2_snapshots_are_read_with_an_empty_archive() {
+        let parts = vec![Part { role: Role::Current, epoch: 1, bytes: vec![7] }];
+        let docs = vec![(DocId::counter("a").unwrap(), parts.clone(), Vec::new())];
+        let bytes = encode(9, &docs);
+        // Format 2: the same bytes without the archive count, and its own checksum.
+        let mut old = bytes[..bytes.len() - 8].to_vec();
+        old[8..10].copy_from_slice(&FORMAT_NO_ARCHIVE.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        let decoded = decode(&old).unwrap();
+        assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, Vec::new())]);
+        // Format 3 read as format 2 would leave the archive count behind: refused.
+        let mut relabelled = bytes[..bytes.len() - 4].to_vec();
+        relabelled[8..10].copy_from_slice(&FORMAT_NO_ARCHIVE.to_le_bytes());
+        let crc = crc32fast::hash(&relabelled);
+        relabelled.extend_from_slice(&crc.to_le_bytes());
+        assert!(decode(&relabelled).is_err());
     }
 }

@@ -198,28 +198,64 @@ impl Snapshotter {
     /// newest `copies`.
     pub fn save<S: Serialize>(&mut self, state: &S, at: LogPoint) -> Result<SnapshotInfo> {
         let payload = self.options.codec.encode(state).map_err(Error::Encode)?;
-        if payload.len() as u64 > self.options.max_snapshot_bytes {
+        self.write(self.options.codec, &[&payload], at)
+    }
+
+    /// [`Snapshotter::save`] of a state that is one byte string (a struct of one `Vec<u8>`
+    /// field, or a `Vec<u8>`), written from where it lies instead of encoded into a copy:
+    /// in the postcard codec whatever [`SnapshotOptions::codec`] says (the header records
+    /// it), where a byte string is its length as a LEB128 varint, then the bytes. Load it
+    /// with [`Snapshotter::load`] as that type. For states of many megabytes, whose copy
+    /// would double the memory they take while saved.
+    pub fn save_bytes(&mut self, bytes: &[u8], at: LogPoint) -> Result<SnapshotInfo> {
+        let mut len = [0u8; 10];
+        let mut used = 0;
+        let mut rest = bytes.len() as u64;
+        while rest >= 0x80 {
+            len[used] = (rest as u8) | 0x80;
+            rest >>= 7;
+            used += 1;
+        }
+        len[used] = rest as u8;
+        self.write(Codec::Postcard, &[&len[..=used], bytes], at)
+    }
+
+    /// Writes `payload` (the concatenation of its pieces, encoded in `codec`) as the
+    /// snapshot at `at`: a temporary file, fsync, rename, directory fsync, then old copies
+    /// removed.
+    fn write(&mut self, codec: Codec, payload: &[&[u8]], at: LogPoint) -> Result<SnapshotInfo> {
+        let payload_len: usize = payload.iter().map(|piece| piece.len()).sum();
+        if payload_len as u64 > self.options.max_snapshot_bytes {
             return Err(Error::TooLarge {
-                len_bytes: payload.len() as u64,
+                len_bytes: payload_len as u64,
                 max_bytes: self.options.max_snapshot_bytes,
             });
         }
+        let mut crc = crc32fast::Hasher::new();
+        for piece in payload {
+            crc.update(piece);
+        }
         let header = SnapshotHeader {
-            codec: self.options.codec,
+            codec,
             position: at.position,
             chain_hash: at.hash,
-            payload_len: payload.len() as u64,
-            payload_crc: crc32fast::hash(&payload),
+            payload_len: payload_len as u64,
+            payload_crc: crc.finalize(),
         };
         let name = snapshot_name(at.position);
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!("{name}{TEMP_SUFFIX}"));
         let file = self.vfs.open(&tmp, true).map_err(io("create snapshot"))?;
         file.set_len(0).map_err(io("truncate snapshot"))?;
-        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + payload.len());
-        bytes.extend_from_slice(&header.encode());
-        bytes.extend_from_slice(&payload);
-        file.write_all_at(&bytes, 0).map_err(io("write snapshot"))?;
+        // Header and payload pieces written apart: a copy of a large payload would double
+        // its memory for the length of the save.
+        file.write_all_at(&header.encode(), 0).map_err(io("write snapshot"))?;
+        let mut offset = SNAPSHOT_HEADER_BYTES as u64;
+        for piece in payload {
+            file.write_all_at(piece, offset).map_err(io("write snapshot"))?;
+            offset += piece.len() as u64;
+        }
+        let len_bytes = offset;
         file.sync_data().map_err(io("sync snapshot"))?;
         self.vfs.rename(&tmp, &path).map_err(io("rename snapshot"))?;
         self.vfs.sync_dir(&self.dir).map_err(io("sync snapshot directory"))?;
@@ -234,13 +270,8 @@ impl Snapshotter {
         }
         self.last_position = at.position;
         self.last_at = Instant::now();
-        info!(position = at.position, len_bytes = bytes.len(), "snapshot saved");
-        Ok(SnapshotInfo {
-            path,
-            position: at.position,
-            chain_hash: at.hash,
-            len_bytes: bytes.len() as u64,
-        })
+        info!(position = at.position, len_bytes, "snapshot saved");
+        Ok(SnapshotInfo { path, position: at.position, chain_hash: at.hash, len_bytes })
     }
 
     /// Loads the newest snapshot that parses and decodes (not checked against a log); the

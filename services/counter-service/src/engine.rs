@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crdt_sync::sync::{Publication, SyncConfig, SyncedReplica, now_ms};
 use crdt_sync::{ChangeBatch, DocId, Error as CrdtError, Replica, ReplicaConfig, Update};
 use event_log::EventLog;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use snapshotter::{LogPoint, SnapshotOptions, Snapshotter};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,10 +36,41 @@ pub const OP_RECORD_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 type Log = EventOpLog;
 
-/// The snapshot payload handed to the snapshotter: crdt-sync's encoded snapshot.
-#[derive(Serialize, Deserialize)]
+/// The snapshot payload: crdt-sync's encoded snapshot, written by
+/// `Snapshotter::save_bytes` (its postcard form: a length, then the bytes, as versions that
+/// saved this struct wrote it too), so that saving a snapshot of many megabytes (a
+/// counter's archive of sealed tombstones, 10 bytes an op_id of the dedup window) does not
+/// copy it.
+#[derive(Deserialize)]
 struct CrdtSnapshot {
+    /// Read as a byte string in one piece (postcard hands it over as a slice), not byte by
+    /// byte as a sequence.
+    #[serde(deserialize_with = "from_bytes")]
     bytes: Vec<u8>,
+}
+
+fn from_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    struct Bytes;
+    impl<'de> serde::de::Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(byte) = seq.next_element()? {
+                out.push(byte);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_byte_buf(Bytes)
 }
 
 /// One increment waiting for the batcher.
@@ -354,7 +385,7 @@ impl Engine {
             .snapshots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .save(&CrdtSnapshot { bytes: snapshot.bytes }, at)?;
+            .save_bytes(&snapshot.bytes, at)?;
         self.snapshot_position.store(snapshot.covers_position, Ordering::Release);
         metrics::gauge!("keel_counter_snapshot_bytes").set(info.len_bytes as f64);
         // Compact below the previous snapshot, not this one: if this one is ever unreadable,
@@ -510,4 +541,40 @@ fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The payload as versions before `save_bytes` saved it (a serialized struct).
+    #[derive(serde::Serialize)]
+    struct Saved {
+        bytes: Vec<u8>,
+    }
+
+    fn loaded(snapshots: &Snapshotter) -> Vec<u8> {
+        snapshots.load::<CrdtSnapshot>().unwrap().snapshot.expect("a snapshot").0.bytes
+    }
+
+    #[test]
+    fn snapshots_saved_as_bytes_or_as_a_struct_load_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snapshots = Snapshotter::open(dir.path(), SnapshotOptions::default()).unwrap();
+        // Long enough for a length of two varint bytes.
+        let bytes: Vec<u8> = (0..=255).cycle().take(70_000).collect();
+        let at = |position| LogPoint { position, hash: [7; 32] };
+        let old = snapshots.save(&Saved { bytes: bytes.clone() }, at(1)).unwrap();
+        assert_eq!(loaded(&snapshots), bytes);
+        let new = snapshots.save_bytes(&bytes, at(2)).unwrap();
+        assert_eq!(loaded(&snapshots), bytes);
+        assert_eq!(new.len_bytes, old.len_bytes, "the same payload on disk");
+        assert_eq!(
+            std::fs::read(&new.path).unwrap()[72..],
+            std::fs::read(&old.path).unwrap()[72..],
+        );
+        // A JSON snapshot of the struct (an array of numbers) still reads.
+        let json = serde_json::to_vec(&Saved { bytes: bytes.clone() }).unwrap();
+        assert_eq!(serde_json::from_slice::<CrdtSnapshot>(&json).unwrap().bytes, bytes);
+    }
 }
