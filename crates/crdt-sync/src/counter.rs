@@ -439,8 +439,39 @@ struct Archived {
     bucket: String,
     /// The end of the bucket's time range (from its key), for expiry.
     end_ms: u64,
-    bytes: Vec<u8>,
+    /// The sealed blob, deflated ([`deflate`]): read only when a hash matches.
+    deflated: Vec<u8>,
     hashes: Vec<u64>,
+}
+
+/// Largest sealed blob an archived one inflates to: far above an epoch's bucket (an epoch
+/// of 20,000 changes seals at most a few hundred thousand op_ids, 10 bytes each for an
+/// 8-byte op_id), so a corrupt or hostile blob cannot exhaust memory.
+pub(crate) const ARCHIVED_BLOB_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// Deflates a sealed blob (raw deflate, zlib's default level; once per blob, when it is
+/// archived: 2.2 bytes an op_id for 20,000 ids of the shape `g-000000`, 3.9 at the fast
+/// level).
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(bytes.len() / 4),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(bytes).expect("writing to a vector");
+    let mut out = encoder.finish().expect("writing to a vector");
+    out.shrink_to_fit();
+    out
+}
+
+/// Inflates an archived blob, `None` if it is malformed or inflates past
+/// [`ARCHIVED_BLOB_BYTES_MAX`].
+fn inflate(deflated: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let decoder = flate2::read::DeflateDecoder::new(deflated);
+    decoder.take(ARCHIVED_BLOB_BYTES_MAX + 1).read_to_end(&mut out).ok()?;
+    (out.len() as u64 <= ARCHIVED_BLOB_BYTES_MAX).then_some(out)
 }
 
 /// The sealed tombstones of epochs before the current one, kept by a replica outside the
@@ -448,26 +479,41 @@ struct Archived {
 /// op log is replayed), so that a genesis carries only its own epoch's op_ids. A replica
 /// moves the sealed blobs of the epoch it leaves into it when the next genesis is chained
 /// ([`SEALED_CHAIN_KEY`]) and clears it when the next genesis seals the whole window, and
-/// drops each blob once its bucket is past the dedup window. About 10 bytes per op_id of
-/// 8 bytes, plus 8 bytes of hash. Every member that joined an epoch holds the blobs of the
-/// epochs since the one it first held; a member restored without its data directory holds
-/// only those of the epochs it has seen since (see the crate docs).
+/// drops each blob once its bucket is past the dedup window. Blobs are kept deflated
+/// (sealed, an 8-byte op_id takes 10 bytes; deflated, 2.2 for ids of the shape `g-000000`)
+/// beside 8 bytes of hash per op_id. Every member that joined an epoch holds the blobs of
+/// the epochs since the one it first held; a member restored without its data directory
+/// holds only those of the epochs it has seen since (see the crate docs).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SealedArchive {
     blobs: Vec<Archived>,
 }
 
 impl SealedArchive {
-    /// An archive of saved `(bucket key, blob)` pairs (from a snapshot).
-    pub(crate) fn from_saved(id: &DocId, saved: Vec<(String, Vec<u8>)>) -> Result<Self, Error> {
+    /// An archive of saved `(bucket key, blob)` pairs (from a snapshot): deflated blobs
+    /// ([`SealedArchive::saved`]), or plain sealed blobs if `deflated` is false.
+    pub(crate) fn from_saved(
+        id: &DocId,
+        saved: Vec<(String, Vec<u8>)>,
+        deflated: bool,
+    ) -> Result<Self, Error> {
         let mut archive = SealedArchive::default();
-        archive.extend(id, saved)?;
+        if !deflated {
+            archive.extend(id, saved)?;
+            return Ok(archive);
+        }
+        for (bucket, deflated) in saved {
+            let malformed = || corrupt(id, format!("archived sealed bucket {bucket:?}"));
+            let hashes =
+                sealed_hashes(&inflate(&deflated).ok_or_else(malformed)?).ok_or_else(malformed)?;
+            archive.push(bucket, deflated, hashes);
+        }
         Ok(archive)
     }
 
-    /// Its blobs as `(bucket key, blob)` pairs, oldest first (for a snapshot).
+    /// Its blobs as `(bucket key, deflated blob)` pairs, oldest first (for a snapshot).
     pub(crate) fn saved(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.blobs.iter().map(|blob| (blob.bucket.as_str(), blob.bytes.as_slice()))
+        self.blobs.iter().map(|blob| (blob.bucket.as_str(), blob.deflated.as_slice()))
     }
 
     /// Adds the sealed blobs of an epoch a replica leaves.
@@ -475,13 +521,17 @@ impl SealedArchive {
         for (bucket, bytes) in blobs {
             let hashes = sealed_hashes(&bytes)
                 .ok_or_else(|| corrupt(id, format!("archived sealed bucket {bucket:?}")))?;
-            if hashes.is_empty() {
-                continue;
-            }
-            let end_ms = bucket_end_ms(&bucket).unwrap_or(u64::MAX);
-            self.blobs.push(Archived { bucket, end_ms, bytes, hashes });
+            self.push(bucket, deflate(&bytes), hashes);
         }
         Ok(())
+    }
+
+    fn push(&mut self, bucket: String, deflated: Vec<u8>, hashes: Vec<u64>) {
+        if hashes.is_empty() {
+            return;
+        }
+        let end_ms = bucket_end_ms(&bucket).unwrap_or(u64::MAX);
+        self.blobs.push(Archived { bucket, end_ms, deflated, hashes });
     }
 
     /// When a replica moves to a new epoch: `leaving` are the sealed blobs of the epoch it
@@ -510,7 +560,8 @@ impl SealedArchive {
             .iter()
             .rev()
             .filter(|blob| blob.hashes.binary_search(&hash).is_ok())
-            .find_map(|blob| find_sealed(&blob.bytes, op_id))
+            // Checked when archived or loaded, so it inflates.
+            .find_map(|blob| find_sealed(&inflate(&blob.deflated)?, op_id))
     }
 
     /// Op_ids it holds.
@@ -518,9 +569,9 @@ impl SealedArchive {
         self.blobs.iter().map(|blob| blob.hashes.len()).sum()
     }
 
-    /// Bytes of its blobs (what a snapshot stores for it).
+    /// Bytes of its deflated blobs (what a snapshot stores for it).
     pub(crate) fn bytes(&self) -> usize {
-        self.blobs.iter().map(|blob| blob.bucket.len() + blob.bytes.len()).sum()
+        self.blobs.iter().map(|blob| blob.bucket.len() + blob.deflated.len()).sum()
     }
 }
 
@@ -1271,7 +1322,7 @@ mod tests {
         // A snapshot's copy reads back the same.
         let saved: Vec<(String, Vec<u8>)> =
             archive.saved().map(|(k, v)| (k.to_owned(), v.to_vec())).collect();
-        let restored = SealedArchive::from_saved(&id, saved).unwrap();
+        let restored = SealedArchive::from_saved(&id, saved, true).unwrap();
         assert_eq!(restored.count(), 3);
         assert_eq!(restored.lookup(op_hash("y"), "y"), Some(4));
         // Expiry is per bucket: a's ends first.
@@ -1283,9 +1334,23 @@ mod tests {
         // A genesis that seals the whole window makes the archive redundant.
         archive.advance(&id, vec![], false).unwrap();
         assert_eq!(archive.count(), 0);
-        // A malformed blob is refused, not half-read.
+        // Plain sealed blobs (snapshot format 3) read too.
+        let plain = vec![(bucket("c", 3_000), encode_sealed(&map(&[("v", 8)])))];
+        let restored = SealedArchive::from_saved(&id, plain, false).unwrap();
+        assert_eq!(restored.lookup(op_hash("v"), "v"), Some(8));
+        // A malformed blob is refused, not half-read, plain or deflated.
         let bad = vec![(bucket("a", 1), vec![9, 0, 0, 0, 1])];
-        assert!(SealedArchive::from_saved(&id, bad).is_err());
+        assert!(SealedArchive::from_saved(&id, bad.clone(), false).is_err());
+        assert!(SealedArchive::from_saved(&id, bad, true).is_err());
+        let truncated = deflate(&encode_sealed(&map(&[("x", 3), ("y", 4)])));
+        let truncated = vec![(bucket("a", 1), truncated[..truncated.len() / 2].to_vec())];
+        assert!(SealedArchive::from_saved(&id, truncated, true).is_err());
+        // Kept deflated: 20,000 ids of a shared shape take far less than their 10 bytes each.
+        let ids: BTreeMap<String, i64> = (0..20_000).map(|i| (format!("g-{i:06}"), 1)).collect();
+        let mut big = SealedArchive::default();
+        big.advance(&id, vec![(bucket("a", 9), encode_sealed(&ids))], true).unwrap();
+        assert!(big.bytes() < 20_000 * 10 / 3, "{} bytes", big.bytes());
+        assert_eq!(big.lookup(op_hash("g-012345"), "g-012345"), Some(1));
     }
 
     /// Layout 1 as earlier versions wrote it: fixed 8-byte amounts, top bit of the count

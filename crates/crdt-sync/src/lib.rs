@@ -74,9 +74,9 @@
 //!   remote apply costs a pass over the touched objects, so a counter's
 //!   history is bounded by epochs (below): at most two epoch documents of
 //!   about [`ReplicaConfig::epoch_changes_min`] changes each, plus the sealed
-//!   tombstones of the dedup window (about 10 bytes per op_id of 8 bytes, in
-//!   the current epoch document for the epoch before it and in the replica's
-//!   archive for older ones, and 8 bytes of hash in memory).
+//!   tombstones of the dedup window (about 10 bytes per op_id of 8 bytes in
+//!   the current epoch document for the epoch before it, deflated in the
+//!   replica's archive for older ones, and 8 bytes of hash in memory).
 //!
 //! # Epochs (counters)
 //!

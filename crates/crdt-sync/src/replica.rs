@@ -431,7 +431,8 @@ impl<L: OpLog> Replica<L> {
                     reason: format!("{id} has no current epoch"),
                 })?;
                 let mut state = DocState::new(&id, current.epoch, current.doc)?;
-                state.sealed.archive = counter::SealedArchive::from_saved(&id, archived)?;
+                state.sealed.archive =
+                    counter::SealedArchive::from_saved(&id, archived, decoded.archive_deflated)?;
                 state.previous = previous;
                 state.next = next;
                 replica.docs.insert(id, state);

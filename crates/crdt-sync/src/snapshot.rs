@@ -3,7 +3,7 @@
 //! Layout (integers little-endian):
 //!
 //! ```text
-//! magic: 8 bytes "KEELCRDT" | format: u16 = 3 | covers_position: u64 | doc_count: u32
+//! magic: 8 bytes "KEELCRDT" | format: u16 = 4 | covers_position: u64 | doc_count: u32
 //! doc_count x (id_len: u16 | id (UTF-8 "kind:name") | part_count: u8
 //!              part_count x (role: u8 | epoch: u64 | doc_len: u32 | automerge save bytes)
 //!              archive_count: u32
@@ -12,8 +12,9 @@
 //! ```
 //!
 //! The archive is a counter's sealed tombstones of earlier epochs
-//! (`counter::SealedArchive`), in the order they were archived. Format 2 had no
-//! archive (read as an empty one: its geneses sealed the whole window).
+//! (`counter::SealedArchive`), in the order they were archived, each blob raw-deflated.
+//! Format 3 stored them plain (still read). Format 2 had no archive (read as an empty
+//! one: its geneses sealed the whole window).
 //!
 //! A document is saved in up to three parts, one per epoch document it holds:
 //! role 0 the current epoch, 1 the previous one (kept until every member
@@ -26,7 +27,8 @@ use crate::doc_id::DocId;
 use crate::error::Error;
 
 const MAGIC: &[u8; 8] = b"KEELCRDT";
-const FORMAT: u16 = 3;
+const FORMAT: u16 = 4;
+const FORMAT_PLAIN_ARCHIVE: u16 = 3;
 const FORMAT_NO_ARCHIVE: u16 = 2;
 const FORMAT_LEGACY: u16 = 1;
 
@@ -56,6 +58,8 @@ pub(crate) type SavedDoc<'a> = (DocId, Vec<Part>, Vec<(&'a str, &'a [u8])>);
 pub(crate) struct Decoded {
     pub(crate) covers_position: u64,
     pub(crate) docs: Vec<(DocId, Vec<Part>, Archive)>,
+    /// Whether the archives' blobs are deflated (format 4 on).
+    pub(crate) archive_deflated: bool,
 }
 
 pub(crate) fn encode(covers_position: u64, docs: &[SavedDoc<'_>]) -> Vec<u8> {
@@ -123,7 +127,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     let (format, rest) =
         rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated format"))?;
     let format = u16::from_le_bytes(*format);
-    if ![FORMAT, FORMAT_NO_ARCHIVE, FORMAT_LEGACY].contains(&format) {
+    if ![FORMAT, FORMAT_PLAIN_ARCHIVE, FORMAT_NO_ARCHIVE, FORMAT_LEGACY].contains(&format) {
         return Err(malformed("unknown format"));
     }
     let (position, rest) =
@@ -165,14 +169,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
             (parts, after)
         };
         let (archive, after) =
-            if format == FORMAT { take_archive(after)? } else { (Vec::new(), after) };
+            if format >= FORMAT_PLAIN_ARCHIVE { take_archive(after)? } else { (Vec::new(), after) };
         docs.push((id, parts, archive));
         rest = after;
     }
     if !rest.is_empty() {
         return Err(malformed("trailing bytes"));
     }
-    Ok(Decoded { covers_position: u64::from_le_bytes(*position), docs })
+    Ok(Decoded {
+        covers_position: u64::from_le_bytes(*position),
+        docs,
+        archive_deflated: format >= FORMAT,
+    })
 }
 
 fn take_archive(bytes: &[u8]) -> Result<(Archive, &[u8]), Error> {
@@ -221,6 +229,15 @@ mod tests {
         assert_eq!(decoded.covers_position, 42);
         let expected_archive = vec![("a|7".to_owned(), vec![5, 6]), ("b|8".to_owned(), vec![])];
         assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, expected_archive)]);
+        assert!(decoded.archive_deflated);
+        // Format 3: the same layout, archive blobs plain.
+        let mut plain = bytes[..bytes.len() - 4].to_vec();
+        plain[8..10].copy_from_slice(&FORMAT_PLAIN_ARCHIVE.to_le_bytes());
+        let crc = crc32fast::hash(&plain);
+        plain.extend_from_slice(&crc.to_le_bytes());
+        let decoded_plain = decode(&plain).unwrap();
+        assert!(!decoded_plain.archive_deflated);
+        assert_eq!(decoded_plain.docs, decoded.docs);
         bytes[12] ^= 1;
         assert!(decode(&bytes).is_err());
         assert!(decode(&[]).is_err());
@@ -238,6 +255,7 @@ mod tests {
         old.extend_from_slice(&crc.to_le_bytes());
         let decoded = decode(&old).unwrap();
         assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, Vec::new())]);
+        assert!(!decoded.archive_deflated);
         // Format 3 read as format 2 would leave the archive count behind: refused.
         let mut relabelled = bytes[..bytes.len() - 4].to_vec();
         relabelled[8..10].copy_from_slice(&FORMAT_NO_ARCHIVE.to_le_bytes());
