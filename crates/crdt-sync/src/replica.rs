@@ -1454,12 +1454,13 @@ fn settle_epochs(state: &mut DocState, id: &DocId, members: &[String]) -> Result
     }
     let mut entered = 0;
     if state.next.as_ref().is_some_and(EpochDoc::ready) {
-        let next = state.next.take().expect("checked above");
         // The sealed tombstones of the epoch left behind stay with this replica when the
-        // new genesis does not copy them (see `counter::SealedArchive`).
+        // new genesis does not copy them (see `counter::SealedArchive`); read before
+        // anything moves (`cur`'s blobs were checked when it was indexed).
         let leaving = counter::sealed_buckets(&state.cur.doc, id)?;
-        let chained = counter::is_chained(&next.doc);
+        let chained = state.next.as_ref().is_some_and(|next| counter::is_chained(&next.doc));
         state.sealed.archive.advance(id, leaving, chained)?;
+        let next = state.next.take().expect("checked above");
         state.previous = Some(std::mem::replace(&mut state.cur, next));
         state.reindex(id)?;
         entered = 1;
@@ -1802,7 +1803,7 @@ mod tests {
         }
         assert!(geneses.len() >= 8, "epochs: {geneses:?}");
         // Each genesis seals one epoch's op_ids (a few dozen), not the window (up to 1,200):
-        // the last one is no larger than the first that sealed a full epoch.
+        // the last one is at most twice the size of the third, and far below the window's.
         let sizes: Vec<usize> = geneses.values().copied().collect();
         let last = *sizes.last().unwrap();
         assert!(last <= 2 * sizes[2], "genesis bytes by epoch: {geneses:?}");
