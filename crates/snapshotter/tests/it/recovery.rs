@@ -115,3 +115,27 @@ fn snapshot_that_disagrees_with_the_log_is_skipped() {
     assert_eq!(report.skipped.len(), 2);
     assert_eq!(report.snapshot_position, 0);
 }
+
+#[test]
+fn a_byte_string_saved_in_place_loads_like_a_saved_struct_and_obeys_the_size_limit() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Blob {
+        bytes: Vec<u8>,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The JSON codec configured: save_bytes still writes postcard, and says so in the header.
+    let options =
+        SnapshotOptions { codec: Codec::Json, max_snapshot_bytes: 1_000, ..Default::default() };
+    let mut snapshots = Snapshotter::open(dir.path(), options).unwrap();
+    let at = |position| LogPoint { position, hash: [position as u8; 32] };
+    // 300 bytes: a length of two varint bytes.
+    let blob = Blob { bytes: (0..300u32).map(|i| (i % 251) as u8).collect() };
+    let info = snapshots.save_bytes(&blob.bytes, at(5)).unwrap();
+    let loaded = snapshots.load::<Blob>().unwrap().snapshot.unwrap();
+    assert_eq!((&loaded.0, loaded.1.position), (&blob, 5));
+    assert_eq!(info.len_bytes, 72 + 2 + 300);
+    // Over the limit: refused, and the newest snapshot is still the one before.
+    let big = vec![1u8; 1_000];
+    assert!(matches!(snapshots.save_bytes(&big, at(6)), Err(Error::TooLarge { .. })));
+    assert_eq!(snapshots.load::<Blob>().unwrap().snapshot.unwrap().1.position, 5);
+}
