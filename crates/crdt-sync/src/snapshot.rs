@@ -135,15 +135,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     let (count, mut rest) = take_u32(rest).ok_or_else(|| malformed("truncated count"))?;
     let mut docs = Vec::new();
     for _ in 0..count {
-        let (id_len, after) =
-            rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated id length"))?;
-        let id_len = usize::from(u16::from_le_bytes(*id_len));
-        if after.len() < id_len {
-            return Err(malformed("truncated id"));
-        }
-        let (id, after) = after.split_at(id_len);
-        let id: DocId =
-            std::str::from_utf8(id).map_err(|_| malformed("id is not UTF-8"))?.parse()?;
+        let (id, after) =
+            take_str(rest, ["truncated id length", "truncated id", "id is not UTF-8"])?;
+        let id: DocId = id.parse()?;
         let (parts, after) = if format == FORMAT_LEGACY {
             let (doc, after) = take_doc(after)?;
             (vec![Part { role: Role::Current, epoch: 0, bytes: doc }], after)
@@ -183,18 +177,24 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     })
 }
 
+/// A string prefixed by its u16 length off the front of `bytes`; `errors` name a missing
+/// length, a short string and one that is not UTF-8.
+fn take_str<'a>(bytes: &'a [u8], errors: [&str; 3]) -> Result<(&'a str, &'a [u8]), Error> {
+    let (len, after) = bytes.split_first_chunk::<2>().ok_or_else(|| malformed(errors[0]))?;
+    let len = usize::from(u16::from_le_bytes(*len));
+    if after.len() < len {
+        return Err(malformed(errors[1]));
+    }
+    let (text, after) = after.split_at(len);
+    Ok((std::str::from_utf8(text).map_err(|_| malformed(errors[2]))?, after))
+}
+
 fn take_archive(bytes: &[u8]) -> Result<(Archive, &[u8]), Error> {
     let (count, mut rest) = take_u32(bytes).ok_or_else(|| malformed("truncated archive"))?;
     let mut archive = Vec::new();
     for _ in 0..count {
-        let (len, after) =
-            rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated bucket length"))?;
-        let len = usize::from(u16::from_le_bytes(*len));
-        if after.len() < len {
-            return Err(malformed("truncated bucket"));
-        }
-        let (bucket, after) = after.split_at(len);
-        let bucket = std::str::from_utf8(bucket).map_err(|_| malformed("bucket is not UTF-8"))?;
+        let (bucket, after) =
+            take_str(rest, ["truncated bucket length", "truncated bucket", "bucket is not UTF-8"])?;
         let (blob, after) = take_doc(after)?;
         archive.push((bucket.to_owned(), blob));
         rest = after;
