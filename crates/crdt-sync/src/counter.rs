@@ -484,7 +484,7 @@ fn inflate(deflated: &[u8]) -> Option<Vec<u8>> {
 /// (sealed, an 8-byte op_id takes 10 bytes; deflated, 2.2 for ids of the shape `g-000000`)
 /// beside 8 bytes of hash per op_id. Every member that joined an epoch holds the blobs of
 /// the epochs since the one it first held; a member restored without its data directory
-/// holds only those of the epochs it has seen since (see the crate docs).
+/// merges a peer's ([`SealedArchive::merge`], see the crate docs).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SealedArchive {
     blobs: Vec<Archived>,
@@ -527,8 +527,29 @@ impl SealedArchive {
         Ok(())
     }
 
+    /// Adds the blobs of a peer's archive (deflated, as [`SealedArchive::saved`] lists
+    /// them) that this one lacks; checks every blob before adding any. Returns how many
+    /// it added.
+    pub(crate) fn merge(
+        &mut self,
+        id: &DocId,
+        saved: Vec<(String, Vec<u8>)>,
+    ) -> Result<usize, Error> {
+        let incoming = SealedArchive::from_saved(id, saved, true)?;
+        let before = self.blobs.len();
+        for blob in incoming.blobs {
+            self.push(blob.bucket, blob.deflated, blob.hashes);
+        }
+        Ok(self.blobs.len() - before)
+    }
+
+    /// Adds a blob unless it is empty or already held: the same bucket key can come from
+    /// two epochs, so a blob is the same one only if its op_ids are too (a merged peer's
+    /// archive may hold blobs this replica archives itself later).
     fn push(&mut self, bucket: String, deflated: Vec<u8>, hashes: Vec<u64>) {
-        if hashes.is_empty() {
+        if hashes.is_empty()
+            || self.blobs.iter().any(|blob| blob.bucket == bucket && blob.hashes == hashes)
+        {
             return;
         }
         let end_ms = bucket_end_ms(&bucket).unwrap_or(u64::MAX);

@@ -95,11 +95,17 @@
 //! the geneses when its log is replayed, each bucket dropped when it is past
 //! the dedup window), so a genesis is bounded by its epoch, not by the window.
 //! Sealed op_ids are known to a replica if the current epoch or its archive
-//! holds them. A member restored without its data directory rebuilds its
-//! documents by anti-entropy but not its archive: until the window passes
-//! it recognises only the op_ids of the last two epochs and of those it has
-//! seen since, so restore a member's data directory rather than starting it
-//! empty. A genesis built by an earlier version seals the whole window (the
+//! holds them. A member restored without its data directory (or a new one)
+//! rebuilds its documents by anti-entropy, starting a counter at a later
+//! epoch, and so *wants* the archive: it asks its peers for theirs
+//! ([`Replica::archives_wanted`], [`Replica::archive_reply`],
+//! [`Replica::receive_archive`]; over NATS in [`sync`]) until a peer whose own
+//! archive is complete answered, and merges the blobs it lacks. Until then
+//! (one anti-entropy round when a peer is reachable) it recognises only the
+//! op_ids of the last two epochs and of those it has seen since; the metric
+//! `archives_wanted` says so. A merged archive is kept in its snapshots (with
+//! the want, format 5); recovered from its log alone it asks again. A genesis
+//! built by an earlier version seals the whole window (the
 //! archive is cleared then); an earlier version cannot use a chained one:
 //! upgrade every member before the coordinator.
 //!

@@ -143,6 +143,8 @@ pub struct ReplicaMetrics {
     pub epochs_entered: u64,
     /// Highest epoch over the counters held.
     pub epoch: u64,
+    /// Counters waiting for a peer's archive of earlier epochs ([`Replica::archives_wanted`]).
+    pub archives_wanted: u64,
 }
 
 /// A snapshot of every document, and the op log position it covers.
@@ -197,6 +199,10 @@ struct DocState {
     indexed: bool,
     /// Whether this replica is known to have joined `cur`.
     self_joined: bool,
+    /// A counter this replica started at a later epoch (restored without its data, or a
+    /// new member) lacks the sealed tombstones of the epochs before: it asks its peers for
+    /// their archive ([`Replica::archive_reply`]) until one whose own is complete answered.
+    archive_wanted: bool,
     /// Exact counter total, for overflow checks; `None` after remote changes.
     counter_total: Option<i128>,
     /// Changes handed to automerge that it queued (their dependencies were missing), so
@@ -244,6 +250,7 @@ impl DocState {
             reply_epoch: BTreeMap::new(),
             indexed: false,
             self_joined: false,
+            archive_wanted: false,
             counter_total: None,
             pending: Some(Vec::new()),
         };
@@ -259,7 +266,11 @@ impl DocState {
         } else {
             Automerge::new().with_actor(actor.clone())
         };
-        DocState::new(id, epoch, doc)
+        let mut state = DocState::new(id, epoch, doc)?;
+        // Epoch 0's document seals nothing; a later one's sealed the epochs before it, and
+        // whatever earlier epochs sealed is in the peers' archives only.
+        state.archive_wanted = epoch > 0 && id.kind() == DocKind::Counter;
+        Ok(state)
     }
 
     /// After `cur` changed epochs or received its genesis.
@@ -271,6 +282,10 @@ impl DocState {
         } else {
             counter::SealedIndex::with_archive(archive)
         };
+        if self.indexed && !counter::is_chained(&self.cur.doc) {
+            // A genesis of an earlier version sealed the whole window: nothing to fetch.
+            self.archive_wanted = false;
+        }
         self.self_joined = false;
         self.counter_total = None;
         self.reset_pending();
@@ -409,7 +424,7 @@ impl<L: OpLog> Replica<L> {
         if let Some(bytes) = snapshot {
             let decoded = snapshot::decode(bytes)?;
             after_position = decoded.covers_position;
-            for (id, parts, archived) in decoded.docs {
+            for (id, parts, archived, archive_wanted) in decoded.docs {
                 let mut current = None;
                 let mut previous = None;
                 let mut next = None;
@@ -433,6 +448,7 @@ impl<L: OpLog> Replica<L> {
                 let mut state = DocState::new(&id, current.epoch, current.doc)?;
                 state.sealed.archive =
                     counter::SealedArchive::from_saved(&id, archived, decoded.archive_deflated)?;
+                state.archive_wanted = archive_wanted;
                 state.previous = previous;
                 state.next = next;
                 replica.docs.insert(id, state);
@@ -1187,6 +1203,60 @@ impl<L: OpLog> Replica<L> {
         }
     }
 
+    // ----- archive transfer -----
+
+    /// Counters whose archive of earlier epochs' sealed tombstones this replica lacks (it
+    /// started them at a later epoch: restored without its data, or a new member). Until
+    /// a peer's archive is merged ([`Replica::receive_archive`]), a retry of an op_id from
+    /// those epochs would count again here. Ask every peer for [`Replica::archive_reply`].
+    pub fn archives_wanted(&self) -> Vec<DocId> {
+        self.docs
+            .iter()
+            .filter(|(_, state)| state.archive_wanted)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// This replica's answer to a peer that wants counter `doc`'s archive: its current
+    /// epoch, whether its own archive is complete, and every archived blob (deflated).
+    /// `None` for a document it does not hold or that is not a counter.
+    pub fn archive_reply(&self, doc: &DocId) -> Option<Vec<u8>> {
+        let state = self.docs.get(doc).filter(|_| doc.kind() == DocKind::Counter)?;
+        let archive: Vec<(&str, &[u8])> = state.sealed.archive.saved().collect();
+        Some(snapshot::encode_archive_reply(state.cur.epoch, !state.archive_wanted, &archive))
+    }
+
+    /// Merges a peer's [`Replica::archive_reply`] about counter `doc`: adds the blobs this
+    /// replica lacks (each checked first; a malformed reply changes nothing) and stops
+    /// wanting the archive once a peer whose own is complete answered from this replica's
+    /// epoch or a later one. Returns the blobs added. Merged blobs are kept in snapshots;
+    /// a replica recovered from its log alone asks again.
+    pub fn receive_archive(
+        &mut self,
+        doc: &DocId,
+        peer: &str,
+        reply: &[u8],
+    ) -> Result<usize, Error> {
+        validate_node_id(peer)?;
+        if reply.len() > SYNC_MESSAGE_BYTES_MAX {
+            return Err(Error::TooLong {
+                what: "archive reply",
+                len_bytes: reply.len(),
+                max_bytes: SYNC_MESSAGE_BYTES_MAX,
+            });
+        }
+        let reply = snapshot::decode_archive_reply(reply)?;
+        let Some(state) = self.docs.get_mut(doc).filter(|_| doc.kind() == DocKind::Counter) else {
+            return Ok(0);
+        };
+        let added = state.sealed.archive.merge(doc, reply.archive)?;
+        if reply.complete && reply.epoch >= state.cur.epoch && state.archive_wanted {
+            state.archive_wanted = false;
+            tracing::info!(doc = %doc, peer, added, "archive of earlier epochs received");
+        }
+        Ok(added)
+    }
+
     // ----- snapshots, compaction, metrics -----
 
     /// Every document, saved (automerge's compacted form), with the op log
@@ -1207,7 +1277,7 @@ impl<L: OpLog> Replica<L> {
                 let mut parts = vec![part(Role::Current, &state.cur)];
                 parts.extend(state.previous.as_ref().map(|p| part(Role::Previous, p)));
                 parts.extend(state.next.as_ref().map(|n| part(Role::Next, n)));
-                (id.clone(), parts, state.sealed.archive.saved().collect())
+                (id.clone(), parts, state.sealed.archive.saved().collect(), state.archive_wanted)
             })
             .collect();
         Snapshot { bytes: snapshot::encode(covers_position, &docs), covers_position }
@@ -1247,8 +1317,10 @@ impl<L: OpLog> Replica<L> {
         metrics.changes = 0;
         metrics.automerge_ops = 0;
         metrics.epoch = 0;
+        metrics.archives_wanted = 0;
         for state in self.docs.values() {
             metrics.epoch = metrics.epoch.max(state.cur.epoch);
+            metrics.archives_wanted += u64::from(state.archive_wanted);
             for epoch_doc in state.epoch_docs() {
                 let stats = epoch_doc.doc.stats();
                 metrics.changes += stats.num_changes;
@@ -1771,17 +1843,24 @@ mod tests {
         assert!(!recovered.increment(&doc, "fresh", 5, now_ms + 400).unwrap().applied);
     }
 
-    #[test]
-    fn a_genesis_seals_only_its_epoch_and_the_archive_survives_restarts_until_the_window() {
-        let window_ms = 120_000;
-        let config = |node: &str, incarnation| ReplicaConfig {
+    /// Replicas whose counters change epochs every 30 changes, in a window of 120 s.
+    fn epoch_config(node: &str, incarnation: u64) -> ReplicaConfig {
+        ReplicaConfig {
             epoch_changes_min: 30,
-            dedup_window_ms: window_ms,
+            dedup_window_ms: 120_000,
             incarnation,
             ..ReplicaConfig::new(node, &NODES)
-        };
-        let mut r: Vec<_> =
-            NODES.iter().map(|n| Replica::new(config(n, 0), MemOpLog::new()).unwrap()).collect();
+        }
+    }
+
+    /// 40 rounds, one a second, of 30 increments (`op-{round}-{i}`) over the three
+    /// [`epoch_config`] replicas, each round ticked and synced: the replicas, the total
+    /// and each epoch's genesis size at `a`.
+    fn forty_rounds_of_epochs() -> (Vec<Replica<MemOpLog>>, usize, BTreeMap<u64, usize>) {
+        let mut r: Vec<_> = NODES
+            .iter()
+            .map(|n| Replica::new(epoch_config(n, 0), MemOpLog::new()).unwrap())
+            .collect();
         let doc = production();
         let genesis_bytes = |r: &Replica<MemOpLog>| {
             let cur = &r.docs[&doc].cur.doc;
@@ -1801,6 +1880,29 @@ mod tests {
                 geneses.insert(epoch, bytes);
             }
         }
+        (r, total, geneses)
+    }
+
+    /// Asserts that `r` counts `total`, remembers every op_id, and refuses retries of
+    /// op_ids from all through the 40 rounds.
+    fn remembers_every_op_id(r: &mut Replica<MemOpLog>, total: usize, now_ms: u64, what: &str) {
+        assert_eq!(value(r).value, total as i64, "{what}");
+        assert_eq!(value(r).tombstones, total, "{what}: every op_id remembered");
+        for round in (0..40).step_by(7) {
+            let op_id = format!("op-{round}-5");
+            assert!(
+                !r.increment(&production(), &op_id, 1, now_ms).unwrap().applied,
+                "{what}: {op_id}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_genesis_seals_only_its_epoch_and_the_archive_survives_restarts_until_the_window() {
+        let window_ms = 120_000;
+        let config = epoch_config;
+        let (mut r, total, geneses) = forty_rounds_of_epochs();
+        let doc = production();
         assert!(geneses.len() >= 8, "epochs: {geneses:?}");
         // Each genesis seals one epoch's op_ids (a few dozen), not the window (up to 1,200):
         // the last one is at most twice the size of the third, and far below the window's.
@@ -1809,12 +1911,7 @@ mod tests {
         assert!(last <= 2 * sizes[2], "genesis bytes by epoch: {geneses:?}");
         assert!(last < 10 * total / 4, "genesis bytes by epoch: {geneses:?}");
         let check = |r: &mut Replica<MemOpLog>, now_ms: u64, what: &str| {
-            assert_eq!(value(r).value, total as i64, "{what}");
-            assert_eq!(value(r).tombstones, total, "{what}: every op_id remembered");
-            for round in (0..40).step_by(7) {
-                let op_id = format!("op-{round}-5");
-                assert!(!r.increment(&doc, &op_id, 1, now_ms).unwrap().applied, "{what}: {op_id}");
-            }
+            remembers_every_op_id(r, total, now_ms, what)
         };
         for replica in &mut r {
             let node = replica.node_id.clone();
@@ -1839,6 +1936,59 @@ mod tests {
             assert_eq!(value(replica).tombstones, 0, "{}", replica.node_id);
         }
         assert!(r[2].increment(&doc, "op-0-5", 1, 200_000).unwrap().applied);
+    }
+
+    #[test]
+    fn a_member_restored_without_its_data_gets_the_archive_from_a_peer() {
+        let (mut r, total, geneses) = forty_rounds_of_epochs();
+        let doc = production();
+        assert!(geneses.len() >= 8, "epochs: {geneses:?}");
+        assert!(r.iter().all(|replica| replica.archives_wanted().is_empty()));
+        // c loses its data directory: a new incarnation on an empty log, given the
+        // counter by anti-entropy at the current epoch.
+        r[2] = Replica::new(epoch_config("c", 5), MemOpLog::new()).unwrap();
+        sync_all(&mut r);
+        assert_eq!(r[2].epoch(&doc), r[0].epoch(&doc));
+        assert_eq!(value(&r[2]).value, total as i64);
+        assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
+        assert_eq!(r[2].metrics().archives_wanted, 1);
+        let wanting = r[2].snapshot();
+        let known_before = value(&r[2]).tombstones;
+        assert!(known_before < total / 2, "without the archive: {known_before} of {total}");
+        // A malformed reply, and a reply from a peer that wants the archive itself, change
+        // nothing and leave it wanted.
+        let reply = r[0].archive_reply(&doc).unwrap();
+        assert!(r[2].receive_archive(&doc, "a", &reply[..reply.len() - 1]).is_err());
+        let incomplete = snapshot::decode_archive_reply(&reply).unwrap();
+        let incomplete_bytes = {
+            let archive: Vec<(&str, &[u8])> =
+                incomplete.archive.iter().map(|(b, blob)| (b.as_str(), blob.as_slice())).collect();
+            snapshot::encode_archive_reply(incomplete.epoch, false, &archive[..1])
+        };
+        assert_eq!(r[2].receive_archive(&doc, "b", &incomplete_bytes).unwrap(), 1);
+        assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
+        // A complete peer's reply: every op_id is known again, retries are refused.
+        assert!(r[2].receive_archive(&doc, "a", &reply).unwrap() > 0);
+        assert!(r[2].archives_wanted().is_empty());
+        remembers_every_op_id(&mut r[2], total, 40_000, "c with a's archive");
+        // A second reply adds nothing (the blobs are the same ones).
+        let again = r[1].archive_reply(&doc).unwrap();
+        assert_eq!(r[2].receive_archive(&doc, "b", &again).unwrap(), 0);
+        assert_eq!(value(&r[2]).tombstones, total);
+        // Its snapshot keeps the merged archive; its log alone does not, so it asks again.
+        r[2].sync_log().unwrap();
+        let snapshot = r[2].snapshot();
+        let log = std::mem::take(&mut r[2].log);
+        let from_snapshot =
+            Replica::recover(epoch_config("c", 6), log, Some(&snapshot.bytes)).unwrap();
+        assert!(from_snapshot.archives_wanted().is_empty());
+        assert_eq!(value(&from_snapshot).tombstones, total);
+        let from_log =
+            Replica::recover(epoch_config("c", 7), from_snapshot.into_log(), None).unwrap();
+        assert_eq!(from_log.archives_wanted(), vec![doc.clone()]);
+        // A snapshot taken while the archive was wanted says so.
+        let wanting = Replica::recover(epoch_config("c", 8), MemOpLog::new(), Some(&wanting.bytes));
+        assert_eq!(wanting.unwrap().archives_wanted(), vec![doc]);
     }
 
     #[test]

@@ -3,18 +3,24 @@
 //! Layout (integers little-endian):
 //!
 //! ```text
-//! magic: 8 bytes "KEELCRDT" | format: u16 = 4 | covers_position: u64 | doc_count: u32
+//! magic: 8 bytes "KEELCRDT" | format: u16 = 5 | covers_position: u64 | doc_count: u32
 //! doc_count x (id_len: u16 | id (UTF-8 "kind:name") | part_count: u8
 //!              part_count x (role: u8 | epoch: u64 | doc_len: u32 | automerge save bytes)
 //!              archive_count: u32
-//!              archive_count x (bucket_len: u16 | bucket (UTF-8) | blob_len: u32 | blob))
+//!              archive_count x (bucket_len: u16 | bucket (UTF-8) | blob_len: u32 | blob)
+//!              archive_wanted: u8)
 //! crc32: u32 over every byte before it
 //! ```
 //!
 //! The archive is a counter's sealed tombstones of earlier epochs
-//! (`counter::SealedArchive`), in the order they were archived, each blob raw-deflated.
-//! Format 3 stored them plain (still read). Format 2 had no archive (read as an empty
-//! one: its geneses sealed the whole window).
+//! (`counter::SealedArchive`), in the order they were archived, each blob raw-deflated;
+//! `archive_wanted` is 1 while the replica still waits for a peer's archive (it started
+//! the document at a later epoch, having lost or never had the earlier ones). Format 4
+//! had no `archive_wanted` (read as 0), format 3 stored the blobs plain (still read),
+//! format 2 had no archive (read as an empty one: its geneses sealed the whole window).
+//!
+//! A peer's answer to an archive request ([`encode_archive_reply`]) uses the archive's
+//! layout: `epoch: u64 | complete: u8 | archive_count: u32 | archive_count x (...)`.
 //!
 //! A document is saved in up to three parts, one per epoch document it holds:
 //! role 0 the current epoch, 1 the previous one (kept until every member
@@ -27,7 +33,8 @@ use crate::doc_id::DocId;
 use crate::error::Error;
 
 const MAGIC: &[u8; 8] = b"KEELCRDT";
-const FORMAT: u16 = 4;
+const FORMAT: u16 = 5;
+const FORMAT_NO_WANTED: u16 = 4;
 const FORMAT_PLAIN_ARCHIVE: u16 = 3;
 const FORMAT_NO_ARCHIVE: u16 = 2;
 const FORMAT_LEGACY: u16 = 1;
@@ -51,13 +58,17 @@ pub(crate) struct Part {
 /// A counter's archived sealed blobs: `(bucket key, blob)`.
 pub(crate) type Archive = Vec<(String, Vec<u8>)>;
 
-/// A document to save: its id, its epoch documents and its archive.
-pub(crate) type SavedDoc<'a> = (DocId, Vec<Part>, Vec<(&'a str, &'a [u8])>);
+/// A document to save: its id, its epoch documents, its archive and whether it still
+/// wants a peer's.
+pub(crate) type SavedDoc<'a> = (DocId, Vec<Part>, Vec<(&'a str, &'a [u8])>, bool);
+
+/// A decoded document: as [`SavedDoc`], owned.
+pub(crate) type DecodedDoc = (DocId, Vec<Part>, Archive, bool);
 
 /// A decoded snapshot.
 pub(crate) struct Decoded {
     pub(crate) covers_position: u64,
-    pub(crate) docs: Vec<(DocId, Vec<Part>, Archive)>,
+    pub(crate) docs: Vec<DecodedDoc>,
     /// Whether the archives' blobs are deflated (format 4 on).
     pub(crate) archive_deflated: bool,
 }
@@ -71,15 +82,12 @@ pub(crate) fn encode(covers_position: u64, docs: &[SavedDoc<'_>]) -> Vec<u8> {
         + 4
         + docs
             .iter()
-            .map(|(id, parts, archive)| {
+            .map(|(id, parts, archive, _)| {
                 2 + id.to_string().len()
                     + 1
                     + parts.iter().map(|part| 1 + 8 + 4 + part.bytes.len()).sum::<usize>()
-                    + 4
-                    + archive
-                        .iter()
-                        .map(|(bucket, blob)| 2 + bucket.len() + 4 + blob.len())
-                        .sum::<usize>()
+                    + archive_len_bytes(archive)
+                    + 1
             })
             .sum::<usize>();
     let mut bytes = Vec::with_capacity(len_bytes);
@@ -87,7 +95,7 @@ pub(crate) fn encode(covers_position: u64, docs: &[SavedDoc<'_>]) -> Vec<u8> {
     bytes.extend_from_slice(&FORMAT.to_le_bytes());
     bytes.extend_from_slice(&covers_position.to_le_bytes());
     bytes.extend_from_slice(&(docs.len() as u32).to_le_bytes());
-    for (id, parts, archive) in docs {
+    for (id, parts, archive, wanted) in docs {
         let id = id.to_string();
         // Ids are bounded by DOC_NAME_BYTES_MAX; documents by memory, far
         // below 4 GiB; at most three parts; bucket keys by NODE_ID_BYTES_MAX + 21.
@@ -100,18 +108,65 @@ pub(crate) fn encode(covers_position: u64, docs: &[SavedDoc<'_>]) -> Vec<u8> {
             bytes.extend_from_slice(&(part.bytes.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&part.bytes);
         }
-        bytes.extend_from_slice(&(archive.len() as u32).to_le_bytes());
-        for (bucket, blob) in archive {
-            bytes.extend_from_slice(&(bucket.len() as u16).to_le_bytes());
-            bytes.extend_from_slice(bucket.as_bytes());
-            bytes.extend_from_slice(&(blob.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(blob);
-        }
+        put_archive(&mut bytes, archive);
+        bytes.push(u8::from(*wanted));
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     debug_assert_eq!(bytes.len(), len_bytes);
     bytes
+}
+
+fn archive_len_bytes(archive: &[(&str, &[u8])]) -> usize {
+    4 + archive.iter().map(|(bucket, blob)| 2 + bucket.len() + 4 + blob.len()).sum::<usize>()
+}
+
+fn put_archive(bytes: &mut Vec<u8>, archive: &[(&str, &[u8])]) {
+    // Bucket keys are bounded by NODE_ID_BYTES_MAX + 21, blobs by the archive's limits.
+    bytes.extend_from_slice(&(archive.len() as u32).to_le_bytes());
+    for (bucket, blob) in archive {
+        bytes.extend_from_slice(&(bucket.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(bucket.as_bytes());
+        bytes.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(blob);
+    }
+}
+
+/// A replica's answer to a peer's archive request: its current epoch of the counter,
+/// whether its archive is complete (it does not want one itself), and the archive.
+pub(crate) fn encode_archive_reply(
+    epoch: u64,
+    complete: bool,
+    archive: &[(&str, &[u8])],
+) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + 1 + archive_len_bytes(archive));
+    bytes.extend_from_slice(&epoch.to_le_bytes());
+    bytes.push(u8::from(complete));
+    put_archive(&mut bytes, archive);
+    bytes
+}
+
+/// A decoded archive reply.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ArchiveReply {
+    pub(crate) epoch: u64,
+    pub(crate) complete: bool,
+    pub(crate) archive: Archive,
+}
+
+pub(crate) fn decode_archive_reply(bytes: &[u8]) -> Result<ArchiveReply, Error> {
+    let malformed =
+        |reason: &str| Error::Malformed { what: "archive reply", reason: reason.to_owned() };
+    let (epoch, rest) = bytes.split_first_chunk::<8>().ok_or_else(|| malformed("truncated"))?;
+    let (complete, rest) = rest.split_first().ok_or_else(|| malformed("truncated"))?;
+    if *complete > 1 {
+        return Err(malformed("bad completeness flag"));
+    }
+    let (archive, rest) = take_archive(rest)?;
+    if !rest.is_empty() {
+        return Err(malformed("trailing bytes"));
+    }
+    Ok(ArchiveReply { epoch: u64::from_le_bytes(*epoch), complete: *complete == 1, archive })
 }
 
 fn malformed(reason: &str) -> Error {
@@ -127,7 +182,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     let (format, rest) =
         rest.split_first_chunk::<2>().ok_or_else(|| malformed("truncated format"))?;
     let format = u16::from_le_bytes(*format);
-    if ![FORMAT, FORMAT_PLAIN_ARCHIVE, FORMAT_NO_ARCHIVE, FORMAT_LEGACY].contains(&format) {
+    if ![FORMAT, FORMAT_NO_WANTED, FORMAT_PLAIN_ARCHIVE, FORMAT_NO_ARCHIVE, FORMAT_LEGACY]
+        .contains(&format)
+    {
         return Err(malformed("unknown format"));
     }
     let (position, rest) =
@@ -164,7 +221,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
         };
         let (archive, after) =
             if format >= FORMAT_PLAIN_ARCHIVE { take_archive(after)? } else { (Vec::new(), after) };
-        docs.push((id, parts, archive));
+        let (wanted, after) = if format >= FORMAT {
+            match after.split_first() {
+                Some((0, after)) => (false, after),
+                Some((1, after)) => (true, after),
+                _ => return Err(malformed("bad archive_wanted")),
+            }
+        } else {
+            (false, after)
+        };
+        docs.push((id, parts, archive, wanted));
         rest = after;
     }
     if !rest.is_empty() {
@@ -173,7 +239,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, Error> {
     Ok(Decoded {
         covers_position: u64::from_le_bytes(*position),
         docs,
-        archive_deflated: format >= FORMAT,
+        archive_deflated: format >= FORMAT_NO_WANTED,
     })
 }
 
@@ -216,6 +282,17 @@ fn take_doc(bytes: &[u8]) -> Result<(Vec<u8>, &[u8]), Error> {
 mod tests {
     use super::*;
 
+    /// `bytes` (one document, encoded now) as format `format`: without the trailing
+    /// `archive_wanted` byte (formats 3 and 4) and the archive count (format 2, when the
+    /// archive is empty), with its own checksum.
+    fn relabelled(bytes: &[u8], format: u16, strip: usize) -> Vec<u8> {
+        let mut old = bytes[..bytes.len() - 4 - strip].to_vec();
+        old[8..10].copy_from_slice(&format.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        old
+    }
+
     #[test]
     fn snapshots_round_trip_and_detect_corruption() {
         let parts = vec![
@@ -223,21 +300,34 @@ mod tests {
             Part { role: Role::Previous, epoch: 2, bytes: vec![4] },
         ];
         let archive: Vec<(&str, &[u8])> = vec![("a|7", &[5, 6]), ("b|8", &[])];
-        let docs = vec![(DocId::counter("a").unwrap(), parts.clone(), archive)];
-        let mut bytes = encode(42, &docs);
-        let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded.covers_position, 42);
+        let id = DocId::counter("a").unwrap();
         let expected_archive = vec![("a|7".to_owned(), vec![5, 6]), ("b|8".to_owned(), vec![])];
-        assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, expected_archive)]);
-        assert!(decoded.archive_deflated);
-        // Format 3: the same layout, archive blobs plain.
-        let mut plain = bytes[..bytes.len() - 4].to_vec();
-        plain[8..10].copy_from_slice(&FORMAT_PLAIN_ARCHIVE.to_le_bytes());
-        let crc = crc32fast::hash(&plain);
-        plain.extend_from_slice(&crc.to_le_bytes());
-        let decoded_plain = decode(&plain).unwrap();
-        assert!(!decoded_plain.archive_deflated);
-        assert_eq!(decoded_plain.docs, decoded.docs);
+        for wanted in [false, true] {
+            let docs = vec![(id.clone(), parts.clone(), archive.clone(), wanted)];
+            let bytes = encode(42, &docs);
+            let decoded = decode(&bytes).unwrap();
+            assert_eq!(decoded.covers_position, 42);
+            let expected = (id.clone(), parts.clone(), expected_archive.clone(), wanted);
+            assert_eq!(decoded.docs, vec![expected]);
+            assert!(decoded.archive_deflated);
+            // Format 4: no `archive_wanted`, read as not wanted; format 3: the blobs plain.
+            for (format, deflated) in [(FORMAT_NO_WANTED, true), (FORMAT_PLAIN_ARCHIVE, false)] {
+                let old = decode(&relabelled(&bytes, format, 1)).unwrap();
+                assert_eq!(old.archive_deflated, deflated);
+                let expected = (id.clone(), parts.clone(), expected_archive.clone(), false);
+                assert_eq!(old.docs, vec![expected]);
+            }
+            // Format 4 bytes read as format 5 lack the flag: refused.
+            assert!(decode(&relabelled(&bytes, FORMAT, 1)).is_err());
+        }
+        let docs = vec![(id, parts, archive, false)];
+        let mut bytes = encode(42, &docs);
+        let last = bytes.len() - 5;
+        bytes[last] = 2;
+        let crc = crc32fast::hash(&bytes[..bytes.len() - 4]);
+        let at = bytes.len() - 4;
+        bytes[at..].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode(&bytes).is_err(), "a flag other than 0 or 1");
         bytes[12] ^= 1;
         assert!(decode(&bytes).is_err());
         assert!(decode(&[]).is_err());
@@ -246,21 +336,32 @@ mod tests {
     #[test]
     fn format_2_snapshots_are_read_with_an_empty_archive() {
         let parts = vec![Part { role: Role::Current, epoch: 1, bytes: vec![7] }];
-        let docs = vec![(DocId::counter("a").unwrap(), parts.clone(), Vec::new())];
+        let docs = vec![(DocId::counter("a").unwrap(), parts.clone(), Vec::new(), false)];
         let bytes = encode(9, &docs);
-        // Format 2: the same bytes without the archive count, and its own checksum.
-        let mut old = bytes[..bytes.len() - 8].to_vec();
-        old[8..10].copy_from_slice(&FORMAT_NO_ARCHIVE.to_le_bytes());
-        let crc = crc32fast::hash(&old);
-        old.extend_from_slice(&crc.to_le_bytes());
-        let decoded = decode(&old).unwrap();
-        assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, Vec::new())]);
+        // Format 2: the same bytes without the archive count and the flag.
+        let decoded = decode(&relabelled(&bytes, FORMAT_NO_ARCHIVE, 5)).unwrap();
+        assert_eq!(decoded.docs, vec![(DocId::counter("a").unwrap(), parts, Vec::new(), false)]);
         assert!(!decoded.archive_deflated);
         // Format 3 read as format 2 would leave the archive count behind: refused.
-        let mut relabelled = bytes[..bytes.len() - 4].to_vec();
-        relabelled[8..10].copy_from_slice(&FORMAT_NO_ARCHIVE.to_le_bytes());
-        let crc = crc32fast::hash(&relabelled);
-        relabelled.extend_from_slice(&crc.to_le_bytes());
-        assert!(decode(&relabelled).is_err());
+        assert!(decode(&relabelled(&bytes, FORMAT_NO_ARCHIVE, 1)).is_err());
+    }
+
+    #[test]
+    fn archive_replies_round_trip_and_refuse_bad_bytes() {
+        let archive: Vec<(&str, &[u8])> = vec![("a|7", &[5, 6]), ("b|8", &[9])];
+        let bytes = encode_archive_reply(12, true, &archive);
+        let reply = decode_archive_reply(&bytes).unwrap();
+        let expected = vec![("a|7".to_owned(), vec![5, 6]), ("b|8".to_owned(), vec![9])];
+        assert_eq!(reply, ArchiveReply { epoch: 12, complete: true, archive: expected });
+        assert!(!decode_archive_reply(&encode_archive_reply(3, false, &[])).unwrap().complete);
+        for cut in 0..bytes.len() {
+            assert!(decode_archive_reply(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode_archive_reply(&trailing).is_err());
+        let mut flag = bytes;
+        flag[8] = 7;
+        assert!(decode_archive_reply(&flag).is_err());
     }
 }

@@ -19,13 +19,20 @@
 //!   state, send the first message of every document to every member) runs
 //!   on start, every anti-entropy interval, and when the service calls
 //!   [`SyncedReplica::reconnected`]. Replies flow until both sides are done.
+//! - Archive transfer: a replica that started a counter at a later epoch (restored
+//!   without its data, or a new member) lacks the earlier epochs' sealed tombstones
+//!   ([`crate::Replica::archives_wanted`]). It asks every peer on
+//!   `edge.crdt.{doc}.archive-want.{from}.{to}` (empty payload) when it first hears of the
+//!   counter and at every round until a peer whose own archive is complete answered on
+//!   `edge.crdt.{doc}.archive.{from}.{to}` ([`crate::Replica::archive_reply`], in parts
+//!   like a large sync message).
 //! - Ticks ([`crate::Replica::tick`]: acks, folding, tombstone expiry) run
 //!   every tick interval and are published like local changes.
 //!
 //! The broker is transport, not truth: a batch that could not be queued or
 //! published is counted and left to anti-entropy.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -154,6 +161,12 @@ pub struct SyncMetrics {
     pub sync_sent: u64,
     /// Sync messages received.
     pub sync_received: u64,
+    /// Archive requests sent (one per peer and counter).
+    pub archive_requests_sent: u64,
+    /// Archive replies sent to peers that asked.
+    pub archive_replies_sent: u64,
+    /// Archive replies from peers merged.
+    pub archive_replies_received: u64,
 }
 
 #[derive(Default)]
@@ -164,6 +177,9 @@ struct Counters {
     messages_rejected: AtomicU64,
     sync_sent: AtomicU64,
     sync_received: AtomicU64,
+    archive_requests_sent: AtomicU64,
+    archive_replies_sent: AtomicU64,
+    archive_replies_received: AtomicU64,
 }
 
 struct Shared<L: OpLog> {
@@ -176,6 +192,9 @@ struct Shared<L: OpLog> {
     counters: Counters,
     lag: Mutex<VecDeque<LagSample>>,
     round: Notify,
+    /// Counters whose archive was asked for since the last round (a round asks again for
+    /// every one still wanted).
+    archive_asked: Mutex<BTreeSet<DocId>>,
     /// Sequence of the next queued batch. Batches are queued under the replica lock right
     /// after their records are appended, so this order is the op log's order.
     next_seq: AtomicU64,
@@ -274,8 +293,16 @@ fn changes_subject(doc: &DocId, node: &str) -> String {
     format!("edge.crdt.{doc}.changes.{node}")
 }
 
-fn sync_subject(doc: &DocId, from: &str, to: &str) -> String {
-    format!("edge.crdt.{doc}.sync.{from}.{to}")
+/// Kind token of anti-entropy messages.
+const SYNC_KIND: &str = "sync";
+/// Kind token of archive requests.
+const ARCHIVE_WANT_KIND: &str = "archive-want";
+/// Kind token of archive replies.
+const ARCHIVE_KIND: &str = "archive";
+
+/// `edge.crdt.{doc}.{kind}.{from}.{to}`: a message from one replica to another.
+fn peer_subject(doc: &DocId, kind: &str, from: &str, to: &str) -> String {
+    format!("edge.crdt.{doc}.{kind}.{from}.{to}")
 }
 
 /// `(doc, kind, node tokens after the kind)` of an `edge.crdt.` subject.
@@ -322,7 +349,8 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             .messages()
             .await
             .map_err(|e| SyncError::Consumer(e.to_string()))?;
-        let sync_filter = format!("edge.crdt.*.sync.*.{node_id}");
+        // Anti-entropy and archive messages to this node (`peer_subject`).
+        let sync_filter = format!("edge.crdt.*.*.*.{node_id}");
         let sync_messages = client
             .subscribe(sync_filter.clone())
             .await
@@ -337,6 +365,7 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             counters: Counters::default(),
             lag: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
             round: Notify::new(),
+            archive_asked: Mutex::new(BTreeSet::new()),
             next_seq: AtomicU64::new(1),
             durable_seq: watch::Sender::new(0),
         });
@@ -430,6 +459,9 @@ impl<L: OpLog> SyncedReplica<L> {
             messages_rejected: c.messages_rejected.load(Ordering::Relaxed),
             sync_sent: c.sync_sent.load(Ordering::Relaxed),
             sync_received: c.sync_received.load(Ordering::Relaxed),
+            archive_requests_sent: c.archive_requests_sent.load(Ordering::Relaxed),
+            archive_replies_sent: c.archive_replies_sent.load(Ordering::Relaxed),
+            archive_replies_received: c.archive_replies_received.load(Ordering::Relaxed),
         }
     }
 
@@ -757,15 +789,24 @@ async fn answer_sync<L: OpLog + Send + 'static>(
     mut messages: async_nats::Subscriber,
 ) {
     let mut assemblies = Assemblies::default();
+    let mut archive_assemblies = Assemblies::default();
     while let Some(message) = messages.next().await {
-        let parsed = parse_subject(message.subject.as_str());
-        let Some((doc, "sync", nodes)) = parsed else {
+        let Some((doc, kind, nodes)) = parse_subject(message.subject.as_str()) else {
             continue;
         };
         let [from, _to] = nodes[..] else {
             continue;
         };
         let from = from.to_owned();
+        let assemblies = match kind {
+            SYNC_KIND => &mut assemblies,
+            ARCHIVE_KIND => &mut archive_assemblies,
+            ARCHIVE_WANT_KIND => {
+                answer_archive_request(&shared, &client, doc, from).await;
+                continue;
+            }
+            _ => continue,
+        };
         let part = message.headers.as_ref().and_then(|headers| headers.get(SYNC_PART_HEADER));
         let payload = match part {
             None => message.payload.clone(),
@@ -784,9 +825,13 @@ async fn answer_sync<L: OpLog + Send + 'static>(
                 }
             }
         };
+        if kind == ARCHIVE_KIND {
+            receive_archive(&shared, doc, from, payload).await;
+            continue;
+        }
         // Off the runtime's workers: it waits for the replica lock and may apply a genesis.
         let receiving = (shared.clone(), doc.clone(), from.clone());
-        let reply = tokio::task::spawn_blocking(move || {
+        let (reply, ask_archive) = tokio::task::spawn_blocking(move || {
             let (shared, doc, from) = receiving;
             let mut replica = lock(&shared);
             let entered = replica.epochs_entered();
@@ -801,13 +846,19 @@ async fn answer_sync<L: OpLog + Send + 'static>(
                 }
             };
             after_remote(&shared, &mut replica, entered);
-            reply
+            // A counter first heard of at a later epoch: ask for the archive now rather
+            // than at the next round.
+            let ask = replica.archives_wanted().contains(&doc)
+                && shared.archive_asked.lock().is_ok_and(|mut asked| asked.insert(doc.clone()));
+            (reply, ask.then(|| replica.members().to_vec()))
         })
         .await
-        .ok()
-        .flatten();
+        .unwrap_or_default();
         if let Some(reply) = reply {
             send_sync(&shared, &client, &doc, &from, reply).await;
+        }
+        for peer in ask_archive.iter().flatten().filter(|peer| **peer != shared.node_id) {
+            request_archive(&shared, &client, &doc, peer).await;
         }
     }
 }
@@ -819,12 +870,68 @@ async fn send_sync<L: OpLog>(
     to: &str,
     message: Vec<u8>,
 ) {
-    let subject = sync_subject(doc, &shared.node_id, to);
-    if message.len() <= SYNC_PART_BYTES_MAX {
-        if client.publish(subject, Bytes::from(message)).await.is_ok() {
-            shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
-        }
+    let subject = peer_subject(doc, SYNC_KIND, &shared.node_id, to);
+    if send_parts(client, subject, message).await {
+        shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn request_archive<L: OpLog>(
+    shared: &Shared<L>,
+    client: &async_nats::Client,
+    doc: &DocId,
+    to: &str,
+) {
+    let subject = peer_subject(doc, ARCHIVE_WANT_KIND, &shared.node_id, to);
+    if client.publish(subject, Bytes::new()).await.is_ok() {
+        shared.counters.archive_requests_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn answer_archive_request<L: OpLog + Send + 'static>(
+    shared: &Arc<Shared<L>>,
+    client: &async_nats::Client,
+    doc: DocId,
+    to: String,
+) {
+    // Copies the archive under the lock (megabytes for an hour's window at 1,000/s).
+    let reading = (shared.clone(), doc.clone());
+    let reply = tokio::task::spawn_blocking(move || lock(&reading.0).archive_reply(&reading.1))
+        .await
+        .ok()
+        .flatten();
+    let Some(reply) = reply else {
         return;
+    };
+    let subject = peer_subject(&doc, ARCHIVE_KIND, &shared.node_id, &to);
+    if send_parts(client, subject, reply).await {
+        shared.counters.archive_replies_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn receive_archive<L: OpLog + Send + 'static>(
+    shared: &Arc<Shared<L>>,
+    doc: DocId,
+    from: String,
+    payload: Bytes,
+) {
+    let receiving = shared.clone();
+    let merged = tokio::task::spawn_blocking(move || {
+        lock(&receiving).receive_archive(&doc, &from, &payload)
+    })
+    .await;
+    let counter = match merged {
+        Ok(Ok(_)) => &shared.counters.archive_replies_received,
+        _ => &shared.counters.messages_rejected,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Publishes `message` on `subject`, in parts of at most [`SYNC_PART_BYTES_MAX`] when it
+/// is larger; whether every part was handed to NATS.
+async fn send_parts(client: &async_nats::Client, subject: String, message: Vec<u8>) -> bool {
+    if message.len() <= SYNC_PART_BYTES_MAX {
+        return client.publish(subject, Bytes::from(message)).await.is_ok();
     }
     // Too large for one NATS message: in parts, in order (core NATS keeps the order of one
     // publisher's messages on one subject); a lost part drops the whole message, which the
@@ -837,10 +944,10 @@ async fn send_sync<L: OpLog>(
         headers.insert(SYNC_PART_HEADER, format!("{index}/{count}").as_str());
         let part = message.slice(start..end);
         if client.publish_with_headers(subject.clone(), headers, part).await.is_err() {
-            return;
+            return false;
         }
     }
-    shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+    true
 }
 
 /// `(index, count)` of a [`SYNC_PART_HEADER`] value.
@@ -944,11 +1051,15 @@ async fn periodic<L: OpLog + Send + 'static>(
         };
         if round {
             let opening = shared.clone();
-            let messages = tokio::task::spawn_blocking(move || opening_messages(&opening))
-                .await
-                .unwrap_or_default();
+            let (messages, wanted) =
+                tokio::task::spawn_blocking(move || opening_messages(&opening))
+                    .await
+                    .unwrap_or_default();
             for (doc, peer, message) in messages {
                 send_sync(&shared, &client, &doc, &peer, message).await;
+            }
+            for (doc, peer) in wanted {
+                request_archive(&shared, &client, &doc, &peer).await;
             }
         } else {
             // Off the runtime's workers: a tick holds the replica lock for milliseconds.
@@ -958,9 +1069,13 @@ async fn periodic<L: OpLog + Send + 'static>(
     }
 }
 
+/// Sync messages `(doc, peer, message)` and archive requests `(doc, peer)` of a round.
+type Opening = (Vec<(DocId, String, Vec<u8>)>, Vec<(DocId, String)>);
+
 /// An anti-entropy round's opening: the first sync message of every document to every
-/// peer, their sync states reset.
-fn opening_messages<L: OpLog>(shared: &Shared<L>) -> Vec<(DocId, String, Vec<u8>)> {
+/// peer, their sync states reset; and the archive requests, `(counter, peer)`, of the
+/// counters whose archive this replica still wants.
+fn opening_messages<L: OpLog>(shared: &Shared<L>) -> Opening {
     let mut replica = lock(shared);
     let peers: Vec<String> =
         replica.members().iter().filter(|member| **member != shared.node_id).cloned().collect();
@@ -978,7 +1093,16 @@ fn opening_messages<L: OpLog>(shared: &Shared<L>) -> Vec<(DocId, String, Vec<u8>
             }
         }
     }
-    messages
+    let wanted = replica.archives_wanted();
+    if let Ok(mut asked) = shared.archive_asked.lock() {
+        asked.clear();
+        asked.extend(wanted.iter().cloned());
+    }
+    let requests = wanted
+        .into_iter()
+        .flat_map(|doc| peers.iter().map(move |peer| (doc.clone(), peer.clone())))
+        .collect();
+    (messages, requests)
 }
 
 /// One tick: maintenance in bounded steps, each under the lock, its records appended
@@ -1043,7 +1167,7 @@ mod tests {
         assert_eq!(changes, "edge.crdt.counter:production.changes.node-a");
         let (parsed, kind, nodes) = parse_subject(&changes).unwrap();
         assert_eq!((parsed, kind, nodes), (doc.clone(), "changes", vec!["node-a"]));
-        let sync = sync_subject(&doc, "a", "b");
+        let sync = peer_subject(&doc, SYNC_KIND, "a", "b");
         let (parsed, kind, nodes) = parse_subject(&sync).unwrap();
         assert_eq!((parsed, kind, nodes), (doc, "sync", vec!["a", "b"]));
         assert!(parse_subject("edge.crdt.gauge:x.changes.a").is_none());
@@ -1091,6 +1215,8 @@ mod tests {
                 && pattern.iter().zip(&tokens).all(|(p, t)| *p == "*" || p == t)
         };
         assert!(matches(&changes_subject(&doc, "a")));
-        assert!(!matches(&sync_subject(&doc, "a", "b")));
+        assert!(!matches(&peer_subject(&doc, SYNC_KIND, "a", "b")));
+        assert!(!matches(&peer_subject(&doc, ARCHIVE_KIND, "a", "b")));
+        assert!(!matches(&peer_subject(&doc, ARCHIVE_WANT_KIND, "a", "b")));
     }
 }

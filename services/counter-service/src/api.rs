@@ -245,6 +245,7 @@ async fn debug_sync(
             "folded_ops": metrics.folded_ops,
             "epoch": metrics.epoch,
             "epochs_entered": metrics.epochs_entered,
+            "archives_wanted": metrics.archives_wanted,
             "disk_bytes": engine.disk_bytes(),
         });
         if with_docs {
@@ -276,6 +277,9 @@ async fn debug_sync(
                 "messages_rejected": m.messages_rejected,
                 "sync_sent": m.sync_sent,
                 "sync_received": m.sync_received,
+                "archive_requests_sent": m.archive_requests_sent,
+                "archive_replies_sent": m.archive_replies_sent,
+                "archive_replies_received": m.archive_replies_received,
             });
         }
         Ok(ApiJson(body))

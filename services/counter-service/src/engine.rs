@@ -134,7 +134,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Reads, bumps and durably stores the incarnation counter in `dir`.
+/// Reads, bumps and durably stores the incarnation counter in `dir`. A data dir without
+/// one (new, or replacing a lost one) starts from the wall clock in µs, so a node restored
+/// without its data never writes with an actor an earlier incarnation of it used (peers
+/// hold that actor's changes, and automerge refuses a second change at the same sequence)
+/// unless it had started more than once a µs since it first started.
 fn next_incarnation(dir: &Path) -> anyhow::Result<u64> {
     let path = dir.join("incarnation");
     let previous = match std::fs::read_to_string(&path) {
@@ -142,7 +146,7 @@ fn next_incarnation(dir: &Path) -> anyhow::Result<u64> {
             .trim()
             .parse::<u64>()
             .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => crdt_sync::sync::now_us(),
         Err(err) => return Err(anyhow::anyhow!("cannot read {}: {err}", path.display())),
     };
     let next = previous + 1;
@@ -551,6 +555,20 @@ mod tests {
     #[derive(serde::Serialize)]
     struct Saved {
         bytes: Vec<u8>,
+    }
+
+    #[test]
+    fn a_data_dir_without_an_incarnation_never_reuses_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let before_us = crdt_sync::sync::now_us();
+        let first = next_incarnation(dir.path()).unwrap();
+        assert!(first >= before_us, "a new data dir starts from the clock: {first}");
+        assert_eq!(next_incarnation(dir.path()).unwrap(), first + 1);
+        // The same node restored on an empty data dir: above every incarnation it had.
+        let restored = tempfile::tempdir().unwrap();
+        assert!(next_incarnation(restored.path()).unwrap() > first + 1);
+        std::fs::write(dir.path().join("incarnation"), "x").unwrap();
+        assert!(next_incarnation(dir.path()).is_err(), "a corrupt file is an error");
     }
 
     fn loaded(snapshots: &Snapshotter) -> Vec<u8> {

@@ -5,4 +5,5 @@ mod bad_input;
 mod crash;
 mod lifecycle;
 mod partition;
+mod restore;
 mod support;
