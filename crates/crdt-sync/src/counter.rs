@@ -370,6 +370,35 @@ impl SealedIndex {
         Ok(index)
     }
 
+    /// Adds the blobs of a peer's archive (deflated, as [`SealedArchive::saved`] lists them)
+    /// that neither the archive nor the current document holds; checks every blob before
+    /// adding any. Returns how many it added.
+    pub(crate) fn merge(
+        &mut self,
+        id: &DocId,
+        saved: Vec<(String, Vec<u8>)>,
+    ) -> Result<usize, Error> {
+        let incoming = SealedArchive::from_saved(id, saved, true)?;
+        let before = self.archive.blobs.len();
+        for blob in incoming.blobs {
+            if self.buckets.get(&blob.bucket) != Some(&blob.hashes) {
+                self.archive.push(blob.bucket, blob.deflated, blob.hashes);
+            }
+        }
+        Ok(self.archive.blobs.len() - before)
+    }
+
+    /// Whether the archive or the current document holds the blob of a manifest entry
+    /// ([`SealedArchive::manifest`]).
+    pub(crate) fn holds(&self, bucket: &str, digest: u64) -> bool {
+        self.buckets.get(bucket).is_some_and(|hashes| hashes_digest(hashes) == digest)
+            || self
+                .archive
+                .blobs
+                .iter()
+                .any(|blob| blob.bucket == bucket && blob.digest() == digest)
+    }
+
     /// Sealed tombstones in buckets the document still holds, and in the archive.
     fn count<R: ReadDoc>(&self, doc: &R, objs: &Objs) -> usize {
         let Some(sealed) = &objs.sealed else {
@@ -434,6 +463,17 @@ fn find_sealed(bytes: &[u8], op_id: &str) -> Option<i64> {
     found
 }
 
+/// A digest of a blob's sorted op_id hashes (FNV-1a over their bytes): names the blob in an
+/// archive manifest.
+fn hashes_digest(hashes: &[u64]) -> u64 {
+    hashes
+        .iter()
+        .flat_map(|hash| hash.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |digest, byte| {
+            (digest ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
 /// One archived sealed blob: a tombstone bucket of an earlier epoch.
 #[derive(Debug, Clone)]
 struct Archived {
@@ -443,6 +483,12 @@ struct Archived {
     /// The sealed blob, deflated ([`deflate`]): read only when a hash matches.
     deflated: Vec<u8>,
     hashes: Vec<u64>,
+}
+
+impl Archived {
+    fn digest(&self) -> u64 {
+        hashes_digest(&self.hashes)
+    }
 }
 
 /// Largest sealed blob an archived one inflates to: far above an epoch's bucket (an epoch
@@ -484,7 +530,7 @@ fn inflate(deflated: &[u8]) -> Option<Vec<u8>> {
 /// (sealed, an 8-byte op_id takes 10 bytes; deflated, 2.2 for ids of the shape `g-000000`)
 /// beside 8 bytes of hash per op_id. Every member that joined an epoch holds the blobs of
 /// the epochs since the one it first held; a member restored without its data directory
-/// merges a peer's ([`SealedArchive::merge`], see the crate docs).
+/// merges a peer's ([`SealedIndex::merge`], see the crate docs).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SealedArchive {
     blobs: Vec<Archived>,
@@ -527,20 +573,31 @@ impl SealedArchive {
         Ok(())
     }
 
-    /// Adds the blobs of a peer's archive (deflated, as [`SealedArchive::saved`] lists
-    /// them) that this one lacks; checks every blob before adding any. Returns how many
-    /// it added.
-    pub(crate) fn merge(
-        &mut self,
-        id: &DocId,
-        saved: Vec<(String, Vec<u8>)>,
-    ) -> Result<usize, Error> {
-        let incoming = SealedArchive::from_saved(id, saved, true)?;
-        let before = self.blobs.len();
-        for blob in incoming.blobs {
-            self.push(blob.bucket, blob.deflated, blob.hashes);
+    /// The blobs from the `skip`th on, as [`SealedArchive::saved`] lists them, up to
+    /// `bytes_max` of deflated blobs (at least one), and the index to go on from (`None`:
+    /// these are the last).
+    pub(crate) fn chunk(
+        &self,
+        skip: usize,
+        bytes_max: usize,
+    ) -> (Vec<(&str, &[u8])>, Option<usize>) {
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        for blob in self.blobs.iter().skip(skip) {
+            if !taken.is_empty() && bytes + blob.deflated.len() > bytes_max {
+                let next = skip + taken.len();
+                return (taken, Some(next));
+            }
+            bytes += blob.deflated.len();
+            taken.push((blob.bucket.as_str(), blob.deflated.as_slice()));
         }
-        Ok(self.blobs.len() - before)
+        (taken, None)
+    }
+
+    /// `(bucket key, digest of its op_ids)` of every blob: what a peer that merged them all
+    /// holds.
+    pub(crate) fn manifest(&self) -> Vec<(&str, u64)> {
+        self.blobs.iter().map(|blob| (blob.bucket.as_str(), blob.digest())).collect()
     }
 
     /// Adds a blob unless it is empty or already held: the same bucket key can come from

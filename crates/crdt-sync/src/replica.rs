@@ -1217,20 +1217,36 @@ impl<L: OpLog> Replica<L> {
             .collect()
     }
 
-    /// This replica's answer to a peer that wants counter `doc`'s archive: its current
-    /// epoch, whether its own archive is complete, and every archived blob (deflated).
-    /// `None` for a document it does not hold or that is not a counter.
-    pub fn archive_reply(&self, doc: &DocId) -> Option<Vec<u8>> {
+    /// A chunk of this replica's answer to a peer that wants counter `doc`'s archive: its
+    /// current epoch, whether its own archive is complete, and the archived blobs
+    /// (deflated) from the `from_blob`th on, at most `bytes_max` of them (at least one);
+    /// the last chunk adds the manifest of every blob. Returns the chunk and where the next
+    /// one starts (`None` after the last). Start at 0; a peer merges each chunk as it comes
+    /// ([`Replica::receive_archive`]). `None` for a document it does not hold or that is
+    /// not a counter.
+    pub fn archive_reply(
+        &self,
+        doc: &DocId,
+        from_blob: usize,
+        bytes_max: usize,
+    ) -> Option<(Vec<u8>, Option<usize>)> {
         let state = self.docs.get(doc).filter(|_| doc.kind() == DocKind::Counter)?;
-        let archive: Vec<(&str, &[u8])> = state.sealed.archive.saved().collect();
-        Some(snapshot::encode_archive_reply(state.cur.epoch, !state.archive_wanted, &archive))
+        let archive = &state.sealed.archive;
+        let (blobs, next) = archive.chunk(from_blob, bytes_max);
+        let manifest = next.is_none().then(|| archive.manifest());
+        let complete = !state.archive_wanted;
+        let bytes =
+            snapshot::encode_archive_reply(state.cur.epoch, complete, &blobs, manifest.as_deref());
+        Some((bytes, next))
     }
 
-    /// Merges a peer's [`Replica::archive_reply`] about counter `doc`: adds the blobs this
-    /// replica lacks (each checked first; a malformed reply changes nothing) and stops
-    /// wanting the archive once a peer whose own is complete answered from this replica's
-    /// epoch or a later one. Returns the blobs added. Merged blobs are kept in snapshots;
-    /// a replica recovered from its log alone asks again.
+    /// Merges a chunk of a peer's [`Replica::archive_reply`] about counter `doc`: adds the
+    /// blobs this replica lacks (each checked first; a malformed chunk changes nothing).
+    /// It stops wanting the archive at a last chunk from a peer whose own archive is
+    /// complete, at this replica's epoch or a later one, once it holds every blob of that
+    /// chunk's manifest (a lost chunk leaves it wanting, and it asks again). Returns the
+    /// blobs added. Merged blobs are kept in snapshots; a replica recovered from its log
+    /// alone asks again.
     pub fn receive_archive(
         &mut self,
         doc: &DocId,
@@ -1249,10 +1265,17 @@ impl<L: OpLog> Replica<L> {
         let Some(state) = self.docs.get_mut(doc).filter(|_| doc.kind() == DocKind::Counter) else {
             return Ok(0);
         };
-        let added = state.sealed.archive.merge(doc, reply.archive)?;
-        if reply.complete && reply.epoch >= state.cur.epoch && state.archive_wanted {
+        let added = state.sealed.merge(doc, reply.archive)?;
+        let Some(manifest) = reply.manifest else {
+            return Ok(added);
+        };
+        if state.archive_wanted
+            && reply.complete
+            && reply.epoch >= state.cur.epoch
+            && manifest.iter().all(|(bucket, digest)| state.sealed.holds(bucket, *digest))
+        {
             state.archive_wanted = false;
-            tracing::info!(doc = %doc, peer, added, "archive of earlier epochs received");
+            tracing::info!(doc = %doc, peer, blobs = manifest.len(), "archive of earlier epochs received");
         }
         Ok(added)
     }
@@ -1955,25 +1978,61 @@ mod tests {
         let wanting = r[2].snapshot();
         let known_before = value(&r[2]).tombstones;
         assert!(known_before < total / 2, "without the archive: {known_before} of {total}");
-        // A malformed reply, and a reply from a peer that wants the archive itself, change
+        // Every chunk of `from`'s reply, `bytes_max` of blobs each.
+        let reply = |from: &Replica<MemOpLog>, bytes_max: usize| {
+            let mut chunks = Vec::new();
+            let mut next = Some(0);
+            while let Some(start) = next {
+                let (bytes, after) = from.archive_reply(&doc, start, bytes_max).unwrap();
+                chunks.push(bytes);
+                next = after;
+            }
+            chunks
+        };
+        // A malformed chunk, and a reply from a peer that wants the archive itself, change
         // nothing and leave it wanted.
-        let reply = r[0].archive_reply(&doc).unwrap();
-        assert!(r[2].receive_archive(&doc, "a", &reply[..reply.len() - 1]).is_err());
-        let incomplete = snapshot::decode_archive_reply(&reply).unwrap();
+        let whole = reply(&r[0], usize::MAX);
+        assert_eq!(whole.len(), 1);
+        let last = &whole[0];
+        assert!(r[2].receive_archive(&doc, "a", &last[..last.len() - 1]).is_err());
+        assert_eq!(value(&r[2]).tombstones, known_before);
+        let incomplete = snapshot::decode_archive_reply(last).unwrap();
         let incomplete_bytes = {
             let archive: Vec<(&str, &[u8])> =
                 incomplete.archive.iter().map(|(b, blob)| (b.as_str(), blob.as_slice())).collect();
-            snapshot::encode_archive_reply(incomplete.epoch, false, &archive[..1])
+            let manifest: Vec<(&str, u64)> = incomplete
+                .manifest
+                .iter()
+                .flatten()
+                .map(|(b, digest)| (b.as_str(), *digest))
+                .collect();
+            let last_blob = &archive[archive.len() - 1..];
+            snapshot::encode_archive_reply(incomplete.epoch, false, last_blob, Some(&manifest))
         };
         assert_eq!(r[2].receive_archive(&doc, "b", &incomplete_bytes).unwrap(), 1);
         assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
-        // A complete peer's reply: every op_id is known again, retries are refused.
-        assert!(r[2].receive_archive(&doc, "a", &reply).unwrap() > 0);
+        // A complete peer's reply, one blob a chunk, its first chunk lost: every other
+        // blob is merged but the manifest shows the gap, so it still wants the archive.
+        let chunks = reply(&r[0], 1);
+        assert!(chunks.len() > 3, "chunks: {}", chunks.len());
+        for chunk in &chunks[1..] {
+            r[2].receive_archive(&doc, "a", chunk).unwrap();
+        }
+        assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
+        // The next round's reply fills it: every op_id is known again, retries are refused.
+        assert!(
+            chunks
+                .iter()
+                .map(|chunk| r[2].receive_archive(&doc, "a", chunk).unwrap())
+                .sum::<usize>()
+                > 0
+        );
         assert!(r[2].archives_wanted().is_empty());
         remembers_every_op_id(&mut r[2], total, 40_000, "c with a's archive");
-        // A second reply adds nothing (the blobs are the same ones).
-        let again = r[1].archive_reply(&doc).unwrap();
-        assert_eq!(r[2].receive_archive(&doc, "b", &again).unwrap(), 0);
+        // Another peer's reply adds nothing (the blobs are the same ones).
+        for chunk in reply(&r[1], 1 << 20) {
+            assert_eq!(r[2].receive_archive(&doc, "b", &chunk).unwrap(), 0);
+        }
         assert_eq!(value(&r[2]).tombstones, total);
         // Its snapshot keeps the merged archive; its log alone does not, so it asks again.
         r[2].sync_log().unwrap();

@@ -19,8 +19,14 @@
 //! had no `archive_wanted` (read as 0), format 3 stored the blobs plain (still read),
 //! format 2 had no archive (read as an empty one: its geneses sealed the whole window).
 //!
-//! A peer's answer to an archive request ([`encode_archive_reply`]) uses the archive's
-//! layout: `epoch: u64 | complete: u8 | archive_count: u32 | archive_count x (...)`.
+//! A peer's answer to an archive request is one or more chunks ([`encode_archive_reply`]),
+//! each with some of its blobs in the archive's layout, the last with the manifest of
+//! every blob it holds:
+//!
+//! ```text
+//! epoch: u64 | complete: u8 | archive_count: u32 | archive_count x (...) | last: u8
+//! last = 1: manifest_count: u32 | manifest_count x (bucket_len: u16 | bucket | digest: u64)
+//! ```
 //!
 //! A document is saved in up to three parts, one per epoch document it holds:
 //! role 0 the current epoch, 1 the previous one (kept until every member
@@ -132,26 +138,41 @@ fn put_archive(bytes: &mut Vec<u8>, archive: &[(&str, &[u8])]) {
     }
 }
 
-/// A replica's answer to a peer's archive request: its current epoch of the counter,
-/// whether its archive is complete (it does not want one itself), and the archive.
+/// A chunk of a replica's answer to a peer's archive request: its current epoch of the
+/// counter, whether its archive is complete (it does not want one itself), some blobs, and
+/// in the last chunk the manifest of every blob it holds, `(bucket key, digest)`.
 pub(crate) fn encode_archive_reply(
     epoch: u64,
     complete: bool,
     archive: &[(&str, &[u8])],
+    manifest: Option<&[(&str, u64)]>,
 ) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(8 + 1 + archive_len_bytes(archive));
+    let manifest_bytes = manifest
+        .map_or(0, |entries| 4 + entries.iter().map(|(b, _)| 2 + b.len() + 8).sum::<usize>());
+    let mut bytes = Vec::with_capacity(8 + 1 + archive_len_bytes(archive) + 1 + manifest_bytes);
     bytes.extend_from_slice(&epoch.to_le_bytes());
     bytes.push(u8::from(complete));
     put_archive(&mut bytes, archive);
+    bytes.push(u8::from(manifest.is_some()));
+    if let Some(entries) = manifest {
+        bytes.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        for (bucket, digest) in entries {
+            bytes.extend_from_slice(&(bucket.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(bucket.as_bytes());
+            bytes.extend_from_slice(&digest.to_le_bytes());
+        }
+    }
     bytes
 }
 
-/// A decoded archive reply.
+/// A decoded archive reply chunk.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ArchiveReply {
     pub(crate) epoch: u64,
     pub(crate) complete: bool,
     pub(crate) archive: Archive,
+    /// In the last chunk: every blob the peer holds.
+    pub(crate) manifest: Option<Vec<(String, u64)>>,
 }
 
 pub(crate) fn decode_archive_reply(bytes: &[u8]) -> Result<ArchiveReply, Error> {
@@ -159,14 +180,36 @@ pub(crate) fn decode_archive_reply(bytes: &[u8]) -> Result<ArchiveReply, Error> 
         |reason: &str| Error::Malformed { what: "archive reply", reason: reason.to_owned() };
     let (epoch, rest) = bytes.split_first_chunk::<8>().ok_or_else(|| malformed("truncated"))?;
     let (complete, rest) = rest.split_first().ok_or_else(|| malformed("truncated"))?;
-    if *complete > 1 {
-        return Err(malformed("bad completeness flag"));
-    }
     let (archive, rest) = take_archive(rest)?;
+    let (last, mut rest) = rest.split_first().ok_or_else(|| malformed("truncated"))?;
+    if *complete > 1 || *last > 1 {
+        return Err(malformed("bad flag"));
+    }
+    let manifest = if *last == 1 {
+        let (count, after) = take_u32(rest).ok_or_else(|| malformed("truncated manifest"))?;
+        rest = after;
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            let (bucket, after) =
+                take_str(rest, ["truncated manifest", "truncated bucket", "bucket is not UTF-8"])?;
+            let (digest, after) =
+                after.split_first_chunk::<8>().ok_or_else(|| malformed("truncated digest"))?;
+            entries.push((bucket.to_owned(), u64::from_le_bytes(*digest)));
+            rest = after;
+        }
+        Some(entries)
+    } else {
+        None
+    };
     if !rest.is_empty() {
         return Err(malformed("trailing bytes"));
     }
-    Ok(ArchiveReply { epoch: u64::from_le_bytes(*epoch), complete: *complete == 1, archive })
+    Ok(ArchiveReply {
+        epoch: u64::from_le_bytes(*epoch),
+        complete: *complete == 1,
+        archive,
+        manifest,
+    })
 }
 
 fn malformed(reason: &str) -> Error {
@@ -349,11 +392,23 @@ mod tests {
     #[test]
     fn archive_replies_round_trip_and_refuse_bad_bytes() {
         let archive: Vec<(&str, &[u8])> = vec![("a|7", &[5, 6]), ("b|8", &[9])];
-        let bytes = encode_archive_reply(12, true, &archive);
+        let manifest: Vec<(&str, u64)> = vec![("a|7", 11), ("b|8", 12), ("c|9", 13)];
+        let bytes = encode_archive_reply(12, true, &archive, Some(&manifest));
         let reply = decode_archive_reply(&bytes).unwrap();
         let expected = vec![("a|7".to_owned(), vec![5, 6]), ("b|8".to_owned(), vec![9])];
-        assert_eq!(reply, ArchiveReply { epoch: 12, complete: true, archive: expected });
-        assert!(!decode_archive_reply(&encode_archive_reply(3, false, &[])).unwrap().complete);
+        let expected_manifest: Vec<(String, u64)> =
+            manifest.iter().map(|(b, d)| ((*b).to_owned(), *d)).collect();
+        assert_eq!(
+            reply,
+            ArchiveReply {
+                epoch: 12,
+                complete: true,
+                archive: expected,
+                manifest: Some(expected_manifest)
+            }
+        );
+        let middle = decode_archive_reply(&encode_archive_reply(3, false, &archive, None)).unwrap();
+        assert!(!middle.complete && middle.manifest.is_none());
         for cut in 0..bytes.len() {
             assert!(decode_archive_reply(&bytes[..cut]).is_err(), "cut at {cut}");
         }

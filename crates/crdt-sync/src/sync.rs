@@ -24,8 +24,10 @@
 //!   ([`crate::Replica::archives_wanted`]). It asks every peer on
 //!   `edge.crdt.{doc}.archive-want.{from}.{to}` (empty payload) when it first hears of the
 //!   counter and at every round until a peer whose own archive is complete answered on
-//!   `edge.crdt.{doc}.archive.{from}.{to}` ([`crate::Replica::archive_reply`], in parts
-//!   like a large sync message).
+//!   `edge.crdt.{doc}.archive.{from}.{to}` ([`crate::Replica::archive_reply`], in chunks
+//!   of at most [`ARCHIVE_CHUNK_BYTES_MAX`] of blobs, each copied under the replica lock
+//!   on its own and sent in parts like a large sync message; the last chunk's manifest
+//!   tells the asker whether it has every blob).
 //! - Ticks ([`crate::Replica::tick`]: acks, folding, tombstone expiry) run
 //!   every tick interval and are published like local changes.
 //!
@@ -91,6 +93,9 @@ pub const TICK_FOLDS_PER_STEP: usize = 64;
 pub const TICK_STEPS_MAX: usize = 256;
 /// Longest a tick waits between two steps for the callers blocked on the replica lock.
 pub const HANDOFF_WAIT_MS_MAX: u64 = 5;
+/// Most bytes of archived blobs in one chunk of an archive reply (sent in parts of
+/// [`SYNC_PART_BYTES_MAX`]); the receiver merges chunk by chunk.
+pub const ARCHIVE_CHUNK_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Header of one part of a sync message too large for one NATS message: `{index}/{count}`.
 pub const SYNC_PART_HEADER: &str = "Keel-Sync-Part";
 /// Largest part of a sync message; larger messages (a replica that missed a long stretch
@@ -163,10 +168,10 @@ pub struct SyncMetrics {
     pub sync_received: u64,
     /// Archive requests sent (one per peer and counter).
     pub archive_requests_sent: u64,
-    /// Archive replies sent to peers that asked.
+    /// Archive replies sent to peers that asked (each in one or more chunks).
     pub archive_replies_sent: u64,
-    /// Archive replies from peers merged.
-    pub archive_replies_received: u64,
+    /// Chunks of peers' archive replies merged.
+    pub archive_chunks_received: u64,
 }
 
 #[derive(Default)]
@@ -179,7 +184,7 @@ struct Counters {
     sync_received: AtomicU64,
     archive_requests_sent: AtomicU64,
     archive_replies_sent: AtomicU64,
-    archive_replies_received: AtomicU64,
+    archive_chunks_received: AtomicU64,
 }
 
 struct Shared<L: OpLog> {
@@ -461,7 +466,7 @@ impl<L: OpLog> SyncedReplica<L> {
             sync_received: c.sync_received.load(Ordering::Relaxed),
             archive_requests_sent: c.archive_requests_sent.load(Ordering::Relaxed),
             archive_replies_sent: c.archive_replies_sent.load(Ordering::Relaxed),
-            archive_replies_received: c.archive_replies_received.load(Ordering::Relaxed),
+            archive_chunks_received: c.archive_chunks_received.load(Ordering::Relaxed),
         }
     }
 
@@ -894,19 +899,27 @@ async fn answer_archive_request<L: OpLog + Send + 'static>(
     doc: DocId,
     to: String,
 ) {
-    // Copies the archive under the lock (megabytes for an hour's window at 1,000/s).
-    let reading = (shared.clone(), doc.clone());
-    let reply = tokio::task::spawn_blocking(move || lock(&reading.0).archive_reply(&reading.1))
+    let subject = peer_subject(&doc, ARCHIVE_KIND, &shared.node_id, &to);
+    let mut from_blob = Some(0);
+    while let Some(start) = from_blob {
+        // One chunk copied under the lock at a time (an hour's archive at 1,000 random
+        // op_ids a second is tens of MB).
+        let reading = (shared.clone(), doc.clone());
+        let chunk = tokio::task::spawn_blocking(move || {
+            lock(&reading.0).archive_reply(&reading.1, start, ARCHIVE_CHUNK_BYTES_MAX)
+        })
         .await
         .ok()
         .flatten();
-    let Some(reply) = reply else {
-        return;
-    };
-    let subject = peer_subject(&doc, ARCHIVE_KIND, &shared.node_id, &to);
-    if send_parts(client, subject, reply).await {
-        shared.counters.archive_replies_sent.fetch_add(1, Ordering::Relaxed);
+        let Some((bytes, next)) = chunk else {
+            return;
+        };
+        if !send_parts(client, subject.clone(), bytes).await {
+            return;
+        }
+        from_blob = next;
     }
+    shared.counters.archive_replies_sent.fetch_add(1, Ordering::Relaxed);
 }
 
 async fn receive_archive<L: OpLog + Send + 'static>(
@@ -921,7 +934,7 @@ async fn receive_archive<L: OpLog + Send + 'static>(
     })
     .await;
     let counter = match merged {
-        Ok(Ok(_)) => &shared.counters.archive_replies_received,
+        Ok(Ok(_)) => &shared.counters.archive_chunks_received,
         _ => &shared.counters.messages_rejected,
     };
     counter.fetch_add(1, Ordering::Relaxed);

@@ -279,7 +279,7 @@ async fn debug_sync(
                 "sync_received": m.sync_received,
                 "archive_requests_sent": m.archive_requests_sent,
                 "archive_replies_sent": m.archive_replies_sent,
-                "archive_replies_received": m.archive_replies_received,
+                "archive_chunks_received": m.archive_chunks_received,
             });
         }
         Ok(ApiJson(body))

@@ -241,7 +241,7 @@ fn record_gauges(engine: &Engine, lag_seen: u64) -> u64 {
     metrics::gauge!("keel_crdt_messages_rejected").set(sync.messages_rejected as f64);
     metrics::gauge!("keel_crdt_sync_messages_sent").set(sync.sync_sent as f64);
     metrics::gauge!("keel_crdt_sync_messages_received").set(sync.sync_received as f64);
-    metrics::gauge!("keel_crdt_archive_replies_received").set(sync.archive_replies_received as f64);
+    metrics::gauge!("keel_crdt_archive_chunks_received").set(sync.archive_chunks_received as f64);
     let fresh = sync.batches_received.saturating_sub(lag_seen) as usize;
     let samples = synced.lag_samples_ms();
     for lag_ms in samples.iter().skip(samples.len().saturating_sub(fresh)) {

@@ -62,7 +62,7 @@ async fn a_replica_restored_without_its_data_dir_counts_old_retries_once() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", replicas[2].log_tail(30)));
-    assert!(restored["sync"]["archive_replies_received"].as_u64().unwrap_or(0) >= 1, "{restored}");
+    assert!(restored["sync"]["archive_chunks_received"].as_u64().unwrap_or(0) >= 1, "{restored}");
 
     // Every increment retried at c, the oldest first: none counts again, at c or anywhere.
     let at_c: Vec<Op> = ops.iter().map(|op| Op { target: 2, ..op.clone() }).collect();
