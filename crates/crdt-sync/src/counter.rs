@@ -392,11 +392,7 @@ impl SealedIndex {
     /// ([`SealedArchive::manifest`]).
     pub(crate) fn holds(&self, bucket: &str, digest: u64) -> bool {
         self.buckets.get(bucket).is_some_and(|hashes| hashes_digest(hashes) == digest)
-            || self
-                .archive
-                .blobs
-                .iter()
-                .any(|blob| blob.bucket == bucket && blob.digest() == digest)
+            || self.archive.blobs.iter().any(|blob| blob.bucket == bucket && blob.digest == digest)
     }
 
     /// Sealed tombstones in buckets the document still holds, and in the archive.
@@ -483,12 +479,8 @@ struct Archived {
     /// The sealed blob, deflated ([`deflate`]): read only when a hash matches.
     deflated: Vec<u8>,
     hashes: Vec<u64>,
-}
-
-impl Archived {
-    fn digest(&self) -> u64 {
-        hashes_digest(&self.hashes)
-    }
+    /// [`hashes_digest`] of `hashes`: names the blob in a manifest.
+    digest: u64,
 }
 
 /// Largest sealed blob an archived one inflates to: far above an epoch's bucket (an epoch
@@ -597,7 +589,7 @@ impl SealedArchive {
     /// `(bucket key, digest of its op_ids)` of every blob: what a peer that merged them all
     /// holds.
     pub(crate) fn manifest(&self) -> Vec<(&str, u64)> {
-        self.blobs.iter().map(|blob| (blob.bucket.as_str(), blob.digest())).collect()
+        self.blobs.iter().map(|blob| (blob.bucket.as_str(), blob.digest)).collect()
     }
 
     /// Adds a blob unless it is empty or already held: the same bucket key can come from
@@ -610,7 +602,8 @@ impl SealedArchive {
             return;
         }
         let end_ms = bucket_end_ms(&bucket).unwrap_or(u64::MAX);
-        self.blobs.push(Archived { bucket, end_ms, deflated, hashes });
+        let digest = hashes_digest(&hashes);
+        self.blobs.push(Archived { bucket, end_ms, deflated, hashes, digest });
     }
 
     /// When a replica moves to a new epoch: `leaving` are the sealed blobs of the epoch it
