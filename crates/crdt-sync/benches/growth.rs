@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use crdt_sync::sync::ARCHIVE_CHUNK_BYTES_MAX;
 use crdt_sync::{
-    ChangeBatch, DocId, Error, MemOpLog, OpLog, OpLogError, OpRecord, Replica, ReplicaConfig,
+    ArchiveChunk, ChangeBatch, DocId, Error, MemOpLog, OpLog, OpLogError, OpRecord, Replica,
+    ReplicaConfig,
 };
 
 /// Rows of the curve, in increments (default; argument 5 overrides).
@@ -199,7 +200,7 @@ fn archive_transfer(a: &mut Replica<CountingLog>, doc: &DocId) -> Result<(), Err
             a.archive_reply(doc, start, ARCHIVE_CHUNK_BYTES_MAX).expect("a holds the counter");
         build += built.elapsed();
         let merged = Instant::now();
-        blobs += b.receive_archive(doc, "a", &chunk)?;
+        blobs += b.receive_archive(doc, "a", ArchiveChunk::decode(doc, &chunk)?);
         merge += merged.elapsed();
         chunks += 1;
         reply_bytes += chunk.len();

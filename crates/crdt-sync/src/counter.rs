@@ -373,19 +373,14 @@ impl SealedIndex {
     /// Adds the blobs of a peer's archive (deflated, as [`SealedArchive::saved`] lists them)
     /// that neither the archive nor the current document holds; checks every blob before
     /// adding any. Returns how many it added.
-    pub(crate) fn merge(
-        &mut self,
-        id: &DocId,
-        saved: Vec<(String, Vec<u8>)>,
-    ) -> Result<usize, Error> {
-        let incoming = SealedArchive::from_saved(id, saved, true)?;
+    pub(crate) fn merge(&mut self, incoming: SealedArchive) -> usize {
         let before = self.archive.blobs.len();
         for blob in incoming.blobs {
             if self.buckets.get(&blob.bucket) != Some(&blob.hashes) {
                 self.archive.push(blob.bucket, blob.deflated, blob.hashes);
             }
         }
-        Ok(self.archive.blobs.len() - before)
+        self.archive.blobs.len() - before
     }
 
     /// Whether the archive or the current document holds the blob of a manifest entry

@@ -171,9 +171,9 @@ pub use list::LIST_ITEM_BYTES_MAX;
 pub use oplog::{MemOpLog, OpLog, OpRecord, conformance as oplog_conformance};
 pub use register::{REGISTER_VALUE_BYTES_MAX, RegisterValue};
 pub use replica::{
-    DEDUP_WINDOW_MS_DEFAULT, DOCS_MAX, EPOCH_CHANGES_MIN_DEFAULT, FLAT_EPOCH_CHANGES_MAX,
-    MEMBERS_MAX, OP_ID_BYTES_MAX, OUTGOING_MAX, RemoteApplied, Replica, ReplicaConfig,
-    ReplicaMetrics, SYNC_MESSAGE_BYTES_MAX, Snapshot, TOMBSTONE_BUCKETS_PER_WINDOW, TickStep,
-    Update,
+    ArchiveChunk, DEDUP_WINDOW_MS_DEFAULT, DOCS_MAX, EPOCH_CHANGES_MIN_DEFAULT,
+    FLAT_EPOCH_CHANGES_MAX, MEMBERS_MAX, OP_ID_BYTES_MAX, OUTGOING_MAX, RemoteApplied, Replica,
+    ReplicaConfig, ReplicaMetrics, SYNC_MESSAGE_BYTES_MAX, Snapshot, TOMBSTONE_BUCKETS_PER_WINDOW,
+    TickStep, Update,
 };
 pub use set::SET_MEMBER_BYTES_MAX;

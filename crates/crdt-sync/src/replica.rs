@@ -147,6 +147,36 @@ pub struct ReplicaMetrics {
     pub archives_wanted: u64,
 }
 
+/// A chunk of a peer's archive reply ([`Replica::archive_reply`]), decoded and checked
+/// (every blob inflates and holds well-formed sealed tombstones) without the replica.
+#[derive(Debug)]
+pub struct ArchiveChunk {
+    epoch: u64,
+    complete: bool,
+    blobs: counter::SealedArchive,
+    manifest: Option<Vec<(String, u64)>>,
+}
+
+impl ArchiveChunk {
+    /// Decodes `bytes` of counter `doc` (the document only names errors).
+    pub fn decode(doc: &DocId, bytes: &[u8]) -> Result<ArchiveChunk, Error> {
+        if bytes.len() > SYNC_MESSAGE_BYTES_MAX {
+            return Err(Error::TooLong {
+                what: "archive reply",
+                len_bytes: bytes.len(),
+                max_bytes: SYNC_MESSAGE_BYTES_MAX,
+            });
+        }
+        let reply = snapshot::decode_archive_reply(bytes)?;
+        Ok(ArchiveChunk {
+            epoch: reply.epoch,
+            complete: reply.complete,
+            blobs: counter::SealedArchive::from_saved(doc, reply.archive, true)?,
+            manifest: reply.manifest,
+        })
+    }
+}
+
 /// A snapshot of every document, and the op log position it covers.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -1240,44 +1270,30 @@ impl<L: OpLog> Replica<L> {
         Some((bytes, next))
     }
 
-    /// Merges a chunk of a peer's [`Replica::archive_reply`] about counter `doc`: adds the
-    /// blobs this replica lacks (each checked first; a malformed chunk changes nothing).
-    /// It stops wanting the archive at a last chunk from a peer whose own archive is
-    /// complete, at this replica's epoch or a later one, once it holds every blob of that
-    /// chunk's manifest (a lost chunk leaves it wanting, and it asks again). Returns the
-    /// blobs added. Merged blobs are kept in snapshots; a replica recovered from its log
-    /// alone asks again.
-    pub fn receive_archive(
-        &mut self,
-        doc: &DocId,
-        peer: &str,
-        reply: &[u8],
-    ) -> Result<usize, Error> {
-        validate_node_id(peer)?;
-        if reply.len() > SYNC_MESSAGE_BYTES_MAX {
-            return Err(Error::TooLong {
-                what: "archive reply",
-                len_bytes: reply.len(),
-                max_bytes: SYNC_MESSAGE_BYTES_MAX,
-            });
-        }
-        let reply = snapshot::decode_archive_reply(reply)?;
+    /// Merges a chunk of a peer's [`Replica::archive_reply`] about counter `doc`, decoded
+    /// (and checked) by [`ArchiveChunk::decode`], which needs no replica and is the costly
+    /// part: adds the blobs this replica lacks. It stops wanting the archive at a last chunk
+    /// from a peer whose own archive is complete, at this replica's epoch or a later one,
+    /// once it holds every blob of that chunk's manifest (a lost chunk leaves it wanting,
+    /// and it asks again). Returns the blobs added. Merged blobs are kept in snapshots; a
+    /// replica recovered from its log alone asks again.
+    pub fn receive_archive(&mut self, doc: &DocId, peer: &str, chunk: ArchiveChunk) -> usize {
         let Some(state) = self.docs.get_mut(doc).filter(|_| doc.kind() == DocKind::Counter) else {
-            return Ok(0);
+            return 0;
         };
-        let added = state.sealed.merge(doc, reply.archive)?;
-        let Some(manifest) = reply.manifest else {
-            return Ok(added);
+        let added = state.sealed.merge(chunk.blobs);
+        let Some(manifest) = chunk.manifest else {
+            return added;
         };
         if state.archive_wanted
-            && reply.complete
-            && reply.epoch >= state.cur.epoch
+            && chunk.complete
+            && chunk.epoch >= state.cur.epoch
             && manifest.iter().all(|(bucket, digest)| state.sealed.holds(bucket, *digest))
         {
             state.archive_wanted = false;
             tracing::info!(doc = %doc, peer, blobs = manifest.len(), "archive of earlier epochs received");
         }
-        Ok(added)
+        added
     }
 
     // ----- snapshots, compaction, metrics -----
@@ -1989,12 +2005,15 @@ mod tests {
             }
             chunks
         };
+        let merge = |to: &mut Replica<MemOpLog>, from: &str, bytes: &[u8]| {
+            to.receive_archive(&doc, from, ArchiveChunk::decode(&doc, bytes).unwrap())
+        };
         // A malformed chunk, and a reply from a peer that wants the archive itself, change
         // nothing and leave it wanted.
         let whole = reply(&r[0], usize::MAX);
         assert_eq!(whole.len(), 1);
         let last = &whole[0];
-        assert!(r[2].receive_archive(&doc, "a", &last[..last.len() - 1]).is_err());
+        assert!(ArchiveChunk::decode(&doc, &last[..last.len() - 1]).is_err());
         assert_eq!(value(&r[2]).tombstones, known_before);
         let incomplete = snapshot::decode_archive_reply(last).unwrap();
         let incomplete_bytes = {
@@ -2009,29 +2028,23 @@ mod tests {
             let last_blob = &archive[archive.len() - 1..];
             snapshot::encode_archive_reply(incomplete.epoch, false, last_blob, Some(&manifest))
         };
-        assert_eq!(r[2].receive_archive(&doc, "b", &incomplete_bytes).unwrap(), 1);
+        assert_eq!(merge(&mut r[2], "b", &incomplete_bytes), 1);
         assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
         // A complete peer's reply, one blob a chunk, its first chunk lost: every other
         // blob is merged but the manifest shows the gap, so it still wants the archive.
         let chunks = reply(&r[0], 1);
         assert!(chunks.len() > 3, "chunks: {}", chunks.len());
         for chunk in &chunks[1..] {
-            r[2].receive_archive(&doc, "a", chunk).unwrap();
+            merge(&mut r[2], "a", chunk);
         }
         assert_eq!(r[2].archives_wanted(), vec![doc.clone()]);
         // The next round's reply fills it: every op_id is known again, retries are refused.
-        assert!(
-            chunks
-                .iter()
-                .map(|chunk| r[2].receive_archive(&doc, "a", chunk).unwrap())
-                .sum::<usize>()
-                > 0
-        );
+        assert!(chunks.iter().map(|chunk| merge(&mut r[2], "a", chunk)).sum::<usize>() > 0);
         assert!(r[2].archives_wanted().is_empty());
         remembers_every_op_id(&mut r[2], total, 40_000, "c with a's archive");
         // Another peer's reply adds nothing (the blobs are the same ones).
         for chunk in reply(&r[1], 1 << 20) {
-            assert_eq!(r[2].receive_archive(&doc, "b", &chunk).unwrap(), 0);
+            assert_eq!(merge(&mut r[2], "b", &chunk), 0);
         }
         assert_eq!(value(&r[2]).tombstones, total);
         // Its snapshot keeps the merged archive; its log alone does not, so it asks again.

@@ -49,7 +49,7 @@ use crate::batch::ChangeBatch;
 use crate::doc_id::DocId;
 use crate::error::Error;
 use crate::oplog::OpLog;
-use crate::replica::{Replica, SYNC_MESSAGE_BYTES_MAX, Update};
+use crate::replica::{ArchiveChunk, Replica, SYNC_MESSAGE_BYTES_MAX, Update};
 
 /// JetStream stream carrying change batches.
 pub const STREAM_NAME: &str = "EDGE_CRDT";
@@ -118,6 +118,21 @@ pub struct SyncConfig {
     pub tick_interval_ms: u64,
     /// Age limit of the stream's messages.
     pub stream_max_age_ms: u64,
+    /// How peers' batches reach this replica.
+    pub live_changes: LiveChanges,
+}
+
+/// How a replica receives its peers' change batches live. Either way they are published
+/// on the stream, and anti-entropy covers whatever did not arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LiveChanges {
+    /// Core NATS subscriptions to each peer's change subject: the server hands a batch to
+    /// the subscribers as it receives it, beside storing it in the stream.
+    Core,
+    /// An ordered push consumer of the stream (every subject, this replica's own batches
+    /// included): delivered after the stream stored them, with flow control.
+    #[default]
+    JetStream,
 }
 
 impl Default for SyncConfig {
@@ -127,6 +142,7 @@ impl Default for SyncConfig {
             anti_entropy_interval_ms: ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
             tick_interval_ms: TICK_INTERVAL_MS_DEFAULT,
             stream_max_age_ms: STREAM_MAX_AGE_MS_DEFAULT,
+            live_changes: LiveChanges::default(),
         }
     }
 }
@@ -342,18 +358,35 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             })
             .await
             .map_err(|e| SyncError::Stream(e.to_string()))?;
-        let changes = stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: client.new_inbox(),
-                filter_subject: STREAM_SUBJECTS.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| SyncError::Consumer(e.to_string()))?
-            .messages()
-            .await
-            .map_err(|e| SyncError::Consumer(e.to_string()))?;
+        let changes: futures::stream::BoxStream<'static, async_nats::Message> =
+            match config.live_changes {
+                LiveChanges::JetStream => stream
+                    .create_consumer(consumer::push::OrderedConfig {
+                        deliver_subject: client.new_inbox(),
+                        filter_subject: STREAM_SUBJECTS.to_owned(),
+                        deliver_policy: consumer::DeliverPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| SyncError::Consumer(e.to_string()))?
+                    .messages()
+                    .await
+                    .map_err(|e| SyncError::Consumer(e.to_string()))?
+                    .filter_map(|message| std::future::ready(message.ok().map(|m| m.message)))
+                    .boxed(),
+                LiveChanges::Core => {
+                    let mut subscriptions = Vec::new();
+                    for peer in replica.members().iter().filter(|member| **member != node_id) {
+                        let subject = format!("edge.crdt.*.changes.{peer}");
+                        let subscription = client
+                            .subscribe(subject.clone())
+                            .await
+                            .map_err(|e| SyncError::Subscribe { subject, reason: e.to_string() })?;
+                        subscriptions.push(subscription);
+                    }
+                    futures::stream::select_all(subscriptions).boxed()
+                }
+            };
         // Anti-entropy and archive messages to this node (`peer_subject`).
         let sync_filter = format!("edge.crdt.*.*.*.{node_id}");
         let sync_messages = client
@@ -670,7 +703,10 @@ struct Received {
     arrived_us: u64,
 }
 
-async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer::push::Ordered) {
+async fn follow_changes<L: OpLog>(
+    shared: Arc<Shared<L>>,
+    mut changes: futures::stream::BoxStream<'static, async_nats::Message>,
+) {
     use futures::FutureExt;
     while let Some(message) = changes.next().await {
         // Drain what is already waiting: one automerge apply costs a pass
@@ -689,11 +725,7 @@ async fn follow_changes<L: OpLog>(shared: Arc<Shared<L>>, mut changes: consumer:
     }
 }
 
-fn accept<L: OpLog>(
-    shared: &Shared<L>,
-    message: Result<jetstream::Message, consumer::push::OrderedError>,
-) -> Option<Received> {
-    let message = message.ok()?;
+fn accept<L: OpLog>(shared: &Shared<L>, message: async_nats::Message) -> Option<Received> {
     let Some((doc, "changes", nodes)) = parse_subject(message.subject.as_str()) else {
         shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
         return None;
@@ -930,7 +962,9 @@ async fn receive_archive<L: OpLog + Send + 'static>(
 ) {
     let receiving = shared.clone();
     let merged = tokio::task::spawn_blocking(move || {
-        lock(&receiving).receive_archive(&doc, &from, &payload)
+        // Inflated and checked before the lock: tens of ms for a chunk of random op_ids.
+        let chunk = ArchiveChunk::decode(&doc, &payload)?;
+        Ok::<_, Error>(lock(&receiving).receive_archive(&doc, &from, chunk))
     })
     .await;
     let counter = match merged {
