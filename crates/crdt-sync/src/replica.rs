@@ -1215,6 +1215,74 @@ impl<L: OpLog> Replica<L> {
         })
     }
 
+    /// The heads of every epoch document of `doc` this replica holds, encoded for a peer's
+    /// [`Replica::lacks_heads`]: the cheap half of anti-entropy. Sent some time after they
+    /// were read, they name changes the live stream has had time to deliver, so a peer that
+    /// lacks one missed it. `None` for a document it does not hold.
+    /// Layout: `count: u8 | count x (epoch: u64 | heads: u16 | heads x 32-byte hash)`.
+    pub fn heads(&self, doc: &DocId) -> Option<Vec<u8>> {
+        let state = self.docs.get(doc)?;
+        let docs: Vec<&EpochDoc> = state.epoch_docs().collect();
+        let mut bytes = vec![docs.len() as u8];
+        for epoch_doc in docs {
+            let heads = epoch_doc.doc.get_heads();
+            bytes.extend_from_slice(&epoch_doc.epoch.to_le_bytes());
+            // automerge documents have a handful of heads (one per concurrent writer).
+            bytes.extend_from_slice(&(heads.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+            for head in heads.iter().take(usize::from(u16::MAX)) {
+                bytes.extend_from_slice(head.as_ref());
+            }
+        }
+        Some(bytes)
+    }
+
+    /// Whether this replica lacks a change a peer's [`Replica::heads`] of `doc` name (or the
+    /// document, or an epoch it has not reached): then a full anti-entropy exchange with
+    /// that peer is due. Heads of an epoch it has left behind are ignored.
+    pub fn lacks_heads(&self, doc: &DocId, heads: &[u8]) -> Result<bool, Error> {
+        let malformed = |reason: &str| Error::Malformed { what: "heads", reason: reason.into() };
+        let (count, mut rest) = heads.split_first().ok_or_else(|| malformed("truncated"))?;
+        let mut listed = Vec::new();
+        for _ in 0..*count {
+            let (epoch, after) =
+                rest.split_first_chunk::<8>().ok_or_else(|| malformed("truncated"))?;
+            let (len, after) =
+                after.split_first_chunk::<2>().ok_or_else(|| malformed("truncated"))?;
+            let len = usize::from(u16::from_le_bytes(*len));
+            if after.len() < len * 32 {
+                return Err(malformed("truncated"));
+            }
+            let (hashes, after) = after.split_at(len * 32);
+            listed.push((u64::from_le_bytes(*epoch), hashes));
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(malformed("trailing bytes"));
+        }
+        let Some(state) = self.docs.get(doc) else {
+            return Ok(true);
+        };
+        for (epoch, hashes) in listed {
+            let epoch_doc = match state.slot_of(epoch) {
+                Some(Slot::Current) => &state.cur,
+                Some(Slot::Previous) => state.previous.as_ref().expect("slot_of checked it"),
+                Some(Slot::Next) => match &state.next {
+                    Some(next) => next,
+                    None => return Ok(true),
+                },
+                None if epoch < state.cur.epoch => continue,
+                None => return Ok(true),
+            };
+            for hash in hashes.chunks_exact(32) {
+                let hash = automerge::ChangeHash::try_from(hash).expect("32 bytes");
+                if epoch_doc.doc.get_change_meta_by_hash(&hash).is_none() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Forgets what is in flight with `peer` (call at the start of every
     /// anti-entropy round and when the connection to it is re-established):
     /// changes sent but maybe lost are offered again. The heads both sides
@@ -2061,6 +2129,48 @@ mod tests {
         // A snapshot taken while the archive was wanted says so.
         let wanting = Replica::recover(epoch_config("c", 8), MemOpLog::new(), Some(&wanting.bytes));
         assert_eq!(wanting.unwrap().archives_wanted(), vec![doc]);
+    }
+
+    #[test]
+    fn heads_name_what_a_peer_lacks_and_epochs_it_left_are_ignored() {
+        let mut r: Vec<_> = NODES
+            .iter()
+            .map(|n| Replica::new(epoch_config(n, 0), MemOpLog::new()).unwrap())
+            .collect();
+        let doc = production();
+        r[0].increment(&doc, "x", 1, 1).unwrap();
+        sync_all(&mut r);
+        let early = r[0].heads(&doc).unwrap();
+        assert!(!r[1].lacks_heads(&doc, &early).unwrap());
+        // A change b has not received: named by a's heads, until anti-entropy brings it.
+        r[0].increment(&doc, "y", 1, 2).unwrap();
+        let later = r[0].heads(&doc).unwrap();
+        assert!(r[1].lacks_heads(&doc, &later).unwrap());
+        assert!(!r[1].lacks_heads(&doc, &early).unwrap(), "older heads are held");
+        sync_all(&mut r);
+        assert!(!r[1].lacks_heads(&doc, &later).unwrap());
+        // A document b does not hold, and malformed heads.
+        let other = DocId::counter("other").unwrap();
+        r[0].increment(&other, "z", 1, 3).unwrap();
+        assert!(r[1].lacks_heads(&other, &r[0].heads(&other).unwrap()).unwrap());
+        assert!(r[1].heads(&other).is_none());
+        assert!(r[1].lacks_heads(&doc, &later[..later.len() - 1]).is_err());
+        assert!(r[1].lacks_heads(&doc, &[]).is_err());
+        // Epochs later, heads of epoch 0 name nothing b needs; heads of an epoch b has not
+        // reached name something it lacks.
+        for round in 0..12u64 {
+            for i in 0..30u64 {
+                let op_id = format!("op-{round}-{i}");
+                r[(i % 3) as usize].increment(&doc, &op_id, 1, round * 1_000).unwrap();
+            }
+            tick_and_sync(&mut r, round * 1_000);
+        }
+        assert!(r[1].epoch(&doc).unwrap() >= 2, "epoch {:?}", r[1].epoch(&doc));
+        assert!(!r[1].lacks_heads(&doc, &early).unwrap());
+        let mut ahead = vec![1u8];
+        ahead.extend_from_slice(&(r[1].epoch(&doc).unwrap() + 2).to_le_bytes());
+        ahead.extend_from_slice(&0u16.to_le_bytes());
+        assert!(r[1].lacks_heads(&doc, &ahead).unwrap());
     }
 
     #[test]

@@ -15,10 +15,21 @@
 //!   together, because one automerge apply costs a pass over the document)
 //!   and records the replication lag with its stages ([`LagSample`]).
 //! - Anti-entropy: automerge sync messages on core NATS,
-//!   `edge.crdt.{doc}.sync.{from}.{to}`. A round (reset the per-peer sync
+//!   `edge.crdt.{doc}.sync.{from}.{to}`. A full round (reset the per-peer sync
 //!   state, send the first message of every document to every member) runs
-//!   on start, every anti-entropy interval, and when the service calls
-//!   [`SyncedReplica::reconnected`]. Replies flow until both sides are done.
+//!   on start, when the service calls [`SyncedReplica::reconnected`] and when
+//!   this replica enters a counter epoch. Replies flow until both sides are done.
+//!   Every anti-entropy interval a *heads* round sends each peer, on
+//!   `edge.crdt.{doc}.heads.{from}.{to}`, the heads of every document as they were
+//!   at the previous heads round ([`crate::Replica::heads`]): changes the live
+//!   stream has had a whole interval to deliver. A peer that lacks one of them
+//!   ([`crate::Replica::lacks_heads`]) missed something and asks the sender, on
+//!   `edge.crdt.{doc}.sync-want.{from}.{to}`, to open a full exchange about that
+//!   document with it. So a change the live stream lost arrives
+//!   within two intervals, and while nothing is lost a round costs a few hashes
+//!   per document and peer instead of automerge's sync protocol over everything
+//!   since the last round (which held the replica lock long enough to set the
+//!   replication lag's tail: docs/BENCHMARKS.md, counter-service).
 //! - Archive transfer: a replica that started a counter at a later epoch (restored
 //!   without its data, or a new member) lacks the earlier epochs' sealed tombstones
 //!   ([`crate::Replica::archives_wanted`]). It asks every peer on
@@ -112,27 +123,12 @@ pub struct SyncConfig {
     /// Least time between two publish cycles, so the longest a durable batch waits for
     /// its cycle; a batch after a quiet spell leaves at once.
     pub flush_interval_ms: u64,
-    /// Period of anti-entropy rounds.
+    /// Period of heads rounds (anti-entropy; see the module docs).
     pub anti_entropy_interval_ms: u64,
     /// Period of ticks (acks, folding).
     pub tick_interval_ms: u64,
     /// Age limit of the stream's messages.
     pub stream_max_age_ms: u64,
-    /// How peers' batches reach this replica.
-    pub live_changes: LiveChanges,
-}
-
-/// How a replica receives its peers' change batches live. Either way they are published
-/// on the stream, and anti-entropy covers whatever did not arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LiveChanges {
-    /// Core NATS subscriptions to each peer's change subject: the server hands a batch to
-    /// the subscribers as it receives it, beside storing it in the stream.
-    Core,
-    /// An ordered push consumer of the stream (every subject, this replica's own batches
-    /// included): delivered after the stream stored them, with flow control.
-    #[default]
-    JetStream,
 }
 
 impl Default for SyncConfig {
@@ -142,7 +138,6 @@ impl Default for SyncConfig {
             anti_entropy_interval_ms: ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
             tick_interval_ms: TICK_INTERVAL_MS_DEFAULT,
             stream_max_age_ms: STREAM_MAX_AGE_MS_DEFAULT,
-            live_changes: LiveChanges::default(),
         }
     }
 }
@@ -182,6 +177,11 @@ pub struct SyncMetrics {
     pub sync_sent: u64,
     /// Sync messages received.
     pub sync_received: u64,
+    /// Heads messages sent (one per heads round, document and peer).
+    pub heads_sent: u64,
+    /// Peers' heads messages naming a change this replica lacked: each asked that peer
+    /// for a full anti-entropy exchange.
+    pub heads_lacking: u64,
     /// Archive requests sent (one per peer and counter).
     pub archive_requests_sent: u64,
     /// Archive replies sent to peers that asked (each in one or more chunks).
@@ -198,6 +198,8 @@ struct Counters {
     messages_rejected: AtomicU64,
     sync_sent: AtomicU64,
     sync_received: AtomicU64,
+    heads_sent: AtomicU64,
+    heads_lacking: AtomicU64,
     archive_requests_sent: AtomicU64,
     archive_replies_sent: AtomicU64,
     archive_chunks_received: AtomicU64,
@@ -216,6 +218,8 @@ struct Shared<L: OpLog> {
     /// Counters whose archive was asked for since the last round (a round asks again for
     /// every one still wanted).
     archive_asked: Mutex<BTreeSet<DocId>>,
+    /// Each document's heads read at the last heads round, sent at the next.
+    last_heads: Mutex<BTreeMap<DocId, Vec<u8>>>,
     /// Sequence of the next queued batch. Batches are queued under the replica lock right
     /// after their records are appended, so this order is the op log's order.
     next_seq: AtomicU64,
@@ -316,6 +320,10 @@ fn changes_subject(doc: &DocId, node: &str) -> String {
 
 /// Kind token of anti-entropy messages.
 const SYNC_KIND: &str = "sync";
+/// Kind token of heads messages.
+const HEADS_KIND: &str = "heads";
+/// Kind token of a request for a full exchange (the sender lacks heads this node sent).
+const SYNC_WANT_KIND: &str = "sync-want";
 /// Kind token of archive requests.
 const ARCHIVE_WANT_KIND: &str = "archive-want";
 /// Kind token of archive replies.
@@ -358,35 +366,20 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             })
             .await
             .map_err(|e| SyncError::Stream(e.to_string()))?;
-        let changes: futures::stream::BoxStream<'static, async_nats::Message> =
-            match config.live_changes {
-                LiveChanges::JetStream => stream
-                    .create_consumer(consumer::push::OrderedConfig {
-                        deliver_subject: client.new_inbox(),
-                        filter_subject: STREAM_SUBJECTS.to_owned(),
-                        deliver_policy: consumer::DeliverPolicy::New,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| SyncError::Consumer(e.to_string()))?
-                    .messages()
-                    .await
-                    .map_err(|e| SyncError::Consumer(e.to_string()))?
-                    .filter_map(|message| std::future::ready(message.ok().map(|m| m.message)))
-                    .boxed(),
-                LiveChanges::Core => {
-                    let mut subscriptions = Vec::new();
-                    for peer in replica.members().iter().filter(|member| **member != node_id) {
-                        let subject = format!("edge.crdt.*.changes.{peer}");
-                        let subscription = client
-                            .subscribe(subject.clone())
-                            .await
-                            .map_err(|e| SyncError::Subscribe { subject, reason: e.to_string() })?;
-                        subscriptions.push(subscription);
-                    }
-                    futures::stream::select_all(subscriptions).boxed()
-                }
-            };
+        let changes = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: STREAM_SUBJECTS.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SyncError::Consumer(e.to_string()))?
+            .messages()
+            .await
+            .map_err(|e| SyncError::Consumer(e.to_string()))?
+            .filter_map(|message| std::future::ready(message.ok().map(|m| m.message)))
+            .boxed();
         // Anti-entropy and archive messages to this node (`peer_subject`).
         let sync_filter = format!("edge.crdt.*.*.*.{node_id}");
         let sync_messages = client
@@ -404,6 +397,7 @@ impl<L: OpLog + Send + 'static> SyncedReplica<L> {
             lag: Mutex::new(VecDeque::with_capacity(LAG_SAMPLES_MAX)),
             round: Notify::new(),
             archive_asked: Mutex::new(BTreeSet::new()),
+            last_heads: Mutex::new(BTreeMap::new()),
             next_seq: AtomicU64::new(1),
             durable_seq: watch::Sender::new(0),
         });
@@ -497,6 +491,8 @@ impl<L: OpLog> SyncedReplica<L> {
             messages_rejected: c.messages_rejected.load(Ordering::Relaxed),
             sync_sent: c.sync_sent.load(Ordering::Relaxed),
             sync_received: c.sync_received.load(Ordering::Relaxed),
+            heads_sent: c.heads_sent.load(Ordering::Relaxed),
+            heads_lacking: c.heads_lacking.load(Ordering::Relaxed),
             archive_requests_sent: c.archive_requests_sent.load(Ordering::Relaxed),
             archive_replies_sent: c.archive_replies_sent.load(Ordering::Relaxed),
             archive_chunks_received: c.archive_chunks_received.load(Ordering::Relaxed),
@@ -842,6 +838,14 @@ async fn answer_sync<L: OpLog + Send + 'static>(
                 answer_archive_request(&shared, &client, doc, from).await;
                 continue;
             }
+            HEADS_KIND => {
+                check_heads(&shared, &client, doc, from, message.payload.clone()).await;
+                continue;
+            }
+            SYNC_WANT_KIND => {
+                open_exchange(&shared, &client, doc, from).await;
+                continue;
+            }
             _ => continue,
         };
         let part = message.headers.as_ref().and_then(|headers| headers.get(SYNC_PART_HEADER));
@@ -910,6 +914,61 @@ async fn send_sync<L: OpLog>(
     let subject = peer_subject(doc, SYNC_KIND, &shared.node_id, to);
     if send_parts(client, subject, message).await {
         shared.counters.sync_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A peer's heads: if this replica lacks any of them, it asks that peer to open a full
+/// exchange about `doc` (the peer holds the document and the epochs this one may not).
+async fn check_heads<L: OpLog + Send + 'static>(
+    shared: &Arc<Shared<L>>,
+    client: &async_nats::Client,
+    doc: DocId,
+    from: String,
+    heads: Bytes,
+) {
+    let checking = (shared.clone(), doc.clone(), from.clone());
+    let lacks = tokio::task::spawn_blocking(move || {
+        let (shared, doc, from) = checking;
+        let mut replica = lock(&shared);
+        let lacks = replica.lacks_heads(&doc, &heads);
+        if let Ok(true) = lacks {
+            // A new exchange: this side's per-round limits start afresh too.
+            replica.reset_peer(&from);
+        }
+        lacks
+    })
+    .await;
+    match lacks {
+        Ok(Ok(false)) => {}
+        Ok(Ok(true)) => {
+            shared.counters.heads_lacking.fetch_add(1, Ordering::Relaxed);
+            let subject = peer_subject(&doc, SYNC_WANT_KIND, &shared.node_id, &from);
+            let _ = client.publish(subject, Bytes::new()).await;
+        }
+        _ => {
+            shared.counters.messages_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A peer lacks something of `doc`: a full exchange with it, opened here.
+async fn open_exchange<L: OpLog + Send + 'static>(
+    shared: &Arc<Shared<L>>,
+    client: &async_nats::Client,
+    doc: DocId,
+    to: String,
+) {
+    let opening = (shared.clone(), doc.clone(), to.clone());
+    let messages = tokio::task::spawn_blocking(move || {
+        let (shared, doc, to) = opening;
+        let mut replica = lock(&shared);
+        replica.reset_peer(&to);
+        opening_for(&mut replica, &doc, &to)
+    })
+    .await
+    .unwrap_or_default();
+    for message in messages {
+        send_sync(shared, client, &doc, &to, message).await;
     }
 }
 
@@ -1090,33 +1149,102 @@ async fn periodic<L: OpLog + Send + 'static>(
         tokio::time::interval(Duration::from_millis(config.anti_entropy_interval_ms.max(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    enum Round {
+        Tick,
+        Heads,
+        Full,
+    }
     loop {
         let round = tokio::select! {
-            _ = ticks.tick() => false,
-            _ = rounds.tick() => true,
-            () = shared.round.notified() => true,
+            _ = ticks.tick() => Round::Tick,
+            _ = rounds.tick() => Round::Heads,
+            () = shared.round.notified() => Round::Full,
         };
-        if round {
-            let opening = shared.clone();
-            let (messages, wanted) =
-                tokio::task::spawn_blocking(move || opening_messages(&opening))
+        match round {
+            Round::Full => {
+                let opening = shared.clone();
+                let (messages, wanted) =
+                    tokio::task::spawn_blocking(move || opening_messages(&opening))
+                        .await
+                        .unwrap_or_default();
+                for (doc, peer, message) in messages {
+                    send_sync(&shared, &client, &doc, &peer, message).await;
+                }
+                for (doc, peer) in wanted {
+                    request_archive(&shared, &client, &doc, &peer).await;
+                }
+            }
+            Round::Heads => {
+                let reading = shared.clone();
+                let (heads, wanted) = tokio::task::spawn_blocking(move || heads_round(&reading))
                     .await
                     .unwrap_or_default();
-            for (doc, peer, message) in messages {
-                send_sync(&shared, &client, &doc, &peer, message).await;
+                for (doc, peer, bytes) in heads {
+                    let subject = peer_subject(&doc, HEADS_KIND, &shared.node_id, &peer);
+                    if client.publish(subject, Bytes::from(bytes)).await.is_ok() {
+                        shared.counters.heads_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                for (doc, peer) in wanted {
+                    request_archive(&shared, &client, &doc, &peer).await;
+                }
             }
-            for (doc, peer) in wanted {
-                request_archive(&shared, &client, &doc, &peer).await;
+            Round::Tick => {
+                // Off the runtime's workers: a tick holds the replica lock for milliseconds.
+                let ticking = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || tick(&ticking)).await;
             }
-        } else {
-            // Off the runtime's workers: a tick holds the replica lock for milliseconds.
-            let ticking = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || tick(&ticking)).await;
         }
     }
 }
 
-/// Sync messages `(doc, peer, message)` and archive requests `(doc, peer)` of a round.
+/// A heads round: each document's heads of the previous round to every peer
+/// (`(doc, peer, heads)`), today's kept for the next; and the archive requests due.
+fn heads_round<L: OpLog>(shared: &Shared<L>) -> Opening {
+    let replica = lock(shared);
+    let peers = peers_of(shared, &replica);
+    let mut messages = Vec::new();
+    if let Ok(mut last_heads) = shared.last_heads.lock() {
+        for doc in replica.docs() {
+            let Some(heads) = replica.heads(&doc) else { continue };
+            if let Some(previous) = last_heads.insert(doc.clone(), heads) {
+                for peer in &peers {
+                    messages.push((doc.clone(), peer.clone(), previous.clone()));
+                }
+            }
+        }
+    }
+    (messages, archive_requests(shared, &replica, &peers))
+}
+
+fn peers_of<L: OpLog>(shared: &Shared<L>, replica: &Replica<L>) -> Vec<String> {
+    replica.members().iter().filter(|member| **member != shared.node_id).cloned().collect()
+}
+
+/// `(counter, peer)` for every counter whose archive this replica wants; marks them asked.
+fn archive_requests<L: OpLog>(
+    shared: &Shared<L>,
+    replica: &Replica<L>,
+    peers: &[String],
+) -> Vec<(DocId, String)> {
+    let wanted = replica.archives_wanted();
+    if let Ok(mut asked) = shared.archive_asked.lock() {
+        asked.clear();
+        asked.extend(wanted.iter().cloned());
+    }
+    wanted
+        .into_iter()
+        .flat_map(|doc| peers.iter().map(move |peer| (doc.clone(), peer.clone())))
+        .collect()
+}
+
+/// The opening of a full exchange about `doc` with `peer`: one message per epoch document
+/// (a counter changing epochs holds up to three).
+fn opening_for<L: OpLog>(replica: &mut Replica<L>, doc: &DocId, peer: &str) -> Vec<Vec<u8>> {
+    (0..3).map_while(|_| replica.sync_message(doc, peer)).collect()
+}
+
+/// Messages `(doc, peer, bytes)` and archive requests `(doc, peer)` of a round.
 type Opening = (Vec<(DocId, String, Vec<u8>)>, Vec<(DocId, String)>);
 
 /// An anti-entropy round's opening: the first sync message of every document to every
@@ -1124,31 +1252,17 @@ type Opening = (Vec<(DocId, String, Vec<u8>)>, Vec<(DocId, String)>);
 /// counters whose archive this replica still wants.
 fn opening_messages<L: OpLog>(shared: &Shared<L>) -> Opening {
     let mut replica = lock(shared);
-    let peers: Vec<String> =
-        replica.members().iter().filter(|member| **member != shared.node_id).cloned().collect();
+    let peers = peers_of(shared, &replica);
     let mut messages = Vec::new();
     for peer in &peers {
         replica.reset_peer(peer);
         for doc in replica.docs() {
-            // One opening message per epoch document (a counter changing epochs holds up
-            // to three).
-            for _ in 0..3 {
-                match replica.sync_message(&doc, peer) {
-                    Some(message) => messages.push((doc.clone(), peer.clone(), message)),
-                    None => break,
-                }
+            for message in opening_for(&mut replica, &doc, peer) {
+                messages.push((doc.clone(), peer.clone(), message));
             }
         }
     }
-    let wanted = replica.archives_wanted();
-    if let Ok(mut asked) = shared.archive_asked.lock() {
-        asked.clear();
-        asked.extend(wanted.iter().cloned());
-    }
-    let requests = wanted
-        .into_iter()
-        .flat_map(|doc| peers.iter().map(move |peer| (doc.clone(), peer.clone())))
-        .collect();
+    let requests = archive_requests(shared, &replica, &peers);
     (messages, requests)
 }
 

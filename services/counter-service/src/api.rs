@@ -277,6 +277,8 @@ async fn debug_sync(
                 "messages_rejected": m.messages_rejected,
                 "sync_sent": m.sync_sent,
                 "sync_received": m.sync_received,
+                "heads_sent": m.heads_sent,
+                "heads_lacking": m.heads_lacking,
                 "archive_requests_sent": m.archive_requests_sent,
                 "archive_replies_sent": m.archive_replies_sent,
                 "archive_chunks_received": m.archive_chunks_received,

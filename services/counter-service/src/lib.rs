@@ -67,12 +67,6 @@ pub struct Config {
     #[arg(long, env = "EPOCH_CHANGES", default_value_t = crdt_sync::EPOCH_CHANGES_MIN_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub epoch_changes: u64,
-
-    /// How peers' change batches arrive live: `core` (subscriptions to each peer's change
-    /// subject) or `jetstream` (an ordered consumer of the stream). Both publish on the
-    /// stream; anti-entropy covers what does not arrive.
-    #[arg(long, env = "LIVE_CHANGES", default_value = "jetstream", value_parser = ["core", "jetstream"])]
-    pub live_changes: String,
 }
 
 impl Config {
@@ -110,11 +104,6 @@ impl Config {
                 flush_interval_ms: self.flush_interval_ms,
                 anti_entropy_interval_ms: self.anti_entropy_interval_ms,
                 tick_interval_ms: self.tick_interval_ms,
-                live_changes: if self.live_changes == "core" {
-                    crdt_sync::sync::LiveChanges::Core
-                } else {
-                    crdt_sync::sync::LiveChanges::JetStream
-                },
                 ..SyncConfig::default()
             },
             snapshot_every_records: self.snapshot_every_records,

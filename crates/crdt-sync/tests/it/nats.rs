@@ -74,16 +74,27 @@ fn config() -> SyncConfig {
 }
 
 async fn start(server: &NatsServer, node: &str, members: &[&str]) -> SyncedReplica<MemOpLog> {
+    let replica = Replica::new(ReplicaConfig::new(node, members), MemOpLog::new());
+    start_replica(server, replica.expect("replica")).await
+}
+
+async fn start_replica(server: &NatsServer, replica: Replica<MemOpLog>) -> SyncedReplica<MemOpLog> {
     let started = Instant::now();
+    let mut replica = Some(replica);
     loop {
         let client = async_nats::connect(&server.url).await.expect("connect");
-        let replica =
-            Replica::new(ReplicaConfig::new(node, members), MemOpLog::new()).expect("replica");
-        // JetStream may take a moment after the port opens.
-        match SyncedReplica::start(client, replica, config()).await {
+        // JetStream may take a moment after the port opens; a failed start keeps nothing,
+        // so the replica is rebuilt from its log for the next attempt.
+        let taken = replica.take().expect("replica");
+        let members: Vec<String> = taken.members().to_vec();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        let replica_config = ReplicaConfig::new(taken.node_id(), &members);
+        let log = taken.log().clone();
+        match SyncedReplica::start(client, taken, config()).await {
             Ok(synced) => return synced,
             Err(error) => {
                 assert!(started.elapsed() < DEADLINE, "sync start: {error}");
+                replica = Some(Replica::recover(replica_config, log, None).expect("recover"));
                 tokio::time::sleep(POLL).await;
             }
         }
@@ -189,6 +200,37 @@ async fn a_change_after_a_quiet_spell_is_published_at_once_and_its_lag_is_split_
     assert!(increment(a, &doc, "second"));
     eventually("b sees the second increment", || counter(b, &doc).0 == 2).await;
     for replica in &replicas {
+        replica.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_never_published_arrives_by_heads_and_quiet_rounds_send_only_heads() {
+    let server = NatsServer::start();
+    let members = ["a", "b"];
+    let doc = DocId::counter("production").unwrap();
+    // a holds a change it never published, and its start round finished before b existed:
+    // only a's heads rounds can tell b about it.
+    let mut replica = Replica::new(ReplicaConfig::new("a", &members), MemOpLog::new()).unwrap();
+    assert!(replica.increment(&doc, "unpublished", 1, 1).unwrap().applied);
+    let a = start_replica(&server, replica).await;
+    eventually("a's start round", || a.metrics().sync_sent >= 1).await;
+    let b = start(&server, "b", &members).await;
+    eventually("b at 1 by anti-entropy", || counter(&b, &doc).0 == 1).await;
+    assert!(b.metrics().heads_lacking >= 1, "{:?}", b.metrics());
+    // Steady state (ticks keep writing acks and folds, delivered live): rounds send heads,
+    // and no automerge sync message goes either way.
+    increment(&a, &doc, "live");
+    eventually("b at 2", || counter(&b, &doc).0 == 2).await;
+    let heads_a = a.metrics().heads_sent;
+    eventually("a heads round", || a.metrics().heads_sent > heads_a).await;
+    let sync_sent = |r: &SyncedReplica<MemOpLog>| r.metrics().sync_sent;
+    let lacking = |r: &SyncedReplica<MemOpLog>| r.metrics().heads_lacking;
+    let before = (sync_sent(&a), sync_sent(&b), lacking(&a), lacking(&b));
+    let heads_a = a.metrics().heads_sent;
+    eventually("three more heads rounds", || a.metrics().heads_sent >= heads_a + 3).await;
+    assert_eq!((sync_sent(&a), sync_sent(&b), lacking(&a), lacking(&b)), before);
+    for replica in [a, b] {
         replica.stop();
     }
 }
