@@ -47,7 +47,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub flush_interval_ms: u64,
 
-    /// Period of anti-entropy rounds with every peer, in milliseconds.
+    /// Period of anti-entropy heads rounds, in milliseconds: each peer gets the heads of
+    /// every document as of the round before and asks for a full exchange if it lacks one
+    /// (full rounds run on start, reconnect and epoch entry).
     #[arg(long, env = "ANTI_ENTROPY_INTERVAL_MS", default_value_t = crdt_sync::sync::ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub anti_entropy_interval_ms: u64,
