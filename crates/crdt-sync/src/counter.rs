@@ -370,9 +370,8 @@ impl SealedIndex {
         Ok(index)
     }
 
-    /// Adds the blobs of a peer's archive (deflated, as [`SealedArchive::saved`] lists them)
-    /// that neither the archive nor the current document holds; checks every blob before
-    /// adding any. Returns how many it added.
+    /// Adds the blobs of a chunk of a peer's archive (checked when it was decoded) that
+    /// neither the archive nor the current document holds. Returns how many it added.
     pub(crate) fn merge(&mut self, incoming: SealedArchive) -> usize {
         let before = self.archive.blobs.len();
         for blob in incoming.blobs {

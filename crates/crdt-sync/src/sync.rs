@@ -917,6 +917,16 @@ async fn send_sync<L: OpLog>(
     }
 }
 
+/// Runs `f` on the replica under its lock, on a blocking thread (it waits for the lock);
+/// `None` if that thread panicked.
+async fn with_replica<L: OpLog + Send + 'static, T: Send + 'static>(
+    shared: &Arc<Shared<L>>,
+    f: impl FnOnce(&mut Replica<L>) -> T + Send + 'static,
+) -> Option<T> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&shared))).await.ok()
+}
+
 /// A peer's heads: if this replica lacks any of them, it asks that peer to open a full
 /// exchange about `doc` (the peer holds the document and the epochs this one may not).
 async fn check_heads<L: OpLog + Send + 'static>(
@@ -926,21 +936,19 @@ async fn check_heads<L: OpLog + Send + 'static>(
     from: String,
     heads: Bytes,
 ) {
-    let checking = (shared.clone(), doc.clone(), from.clone());
-    let lacks = tokio::task::spawn_blocking(move || {
-        let (shared, doc, from) = checking;
-        let mut replica = lock(&shared);
-        let lacks = replica.lacks_heads(&doc, &heads);
+    let (checked, peer) = (doc.clone(), from.clone());
+    let lacks = with_replica(shared, move |replica| {
+        let lacks = replica.lacks_heads(&checked, &heads);
         if let Ok(true) = lacks {
             // A new exchange: this side's per-round limits start afresh too.
-            replica.reset_peer(&from);
+            replica.reset_peer(&peer);
         }
         lacks
     })
     .await;
     match lacks {
-        Ok(Ok(false)) => {}
-        Ok(Ok(true)) => {
+        Some(Ok(false)) => {}
+        Some(Ok(true)) => {
             shared.counters.heads_lacking.fetch_add(1, Ordering::Relaxed);
             let subject = peer_subject(&doc, SYNC_WANT_KIND, &shared.node_id, &from);
             let _ = client.publish(subject, Bytes::new()).await;
@@ -958,12 +966,10 @@ async fn open_exchange<L: OpLog + Send + 'static>(
     doc: DocId,
     to: String,
 ) {
-    let opening = (shared.clone(), doc.clone(), to.clone());
-    let messages = tokio::task::spawn_blocking(move || {
-        let (shared, doc, to) = opening;
-        let mut replica = lock(&shared);
-        replica.reset_peer(&to);
-        opening_for(&mut replica, &doc, &to)
+    let (opened, peer) = (doc.clone(), to.clone());
+    let messages = with_replica(shared, move |replica| {
+        replica.reset_peer(&peer);
+        opening_for(replica, &opened, &peer)
     })
     .await
     .unwrap_or_default();
@@ -995,12 +1001,11 @@ async fn answer_archive_request<L: OpLog + Send + 'static>(
     while let Some(start) = from_blob {
         // One chunk copied under the lock at a time (an hour's archive at 1,000 random
         // op_ids a second is tens of MB).
-        let reading = (shared.clone(), doc.clone());
-        let chunk = tokio::task::spawn_blocking(move || {
-            lock(&reading.0).archive_reply(&reading.1, start, ARCHIVE_CHUNK_BYTES_MAX)
+        let read = doc.clone();
+        let chunk = with_replica(shared, move |replica| {
+            replica.archive_reply(&read, start, ARCHIVE_CHUNK_BYTES_MAX)
         })
         .await
-        .ok()
         .flatten();
         let Some((bytes, next)) = chunk else {
             return;
