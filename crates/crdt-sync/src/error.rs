@@ -69,7 +69,9 @@ pub enum Error {
         len: usize,
     },
     /// The document is at an epoch whose genesis this replica has not received
-    /// yet (it heard of the document from a later epoch); anti-entropy brings it.
+    /// yet (it heard of the document from a later epoch); anti-entropy brings it. Or a
+    /// counter's increment while the replica waits for a peer's archive of earlier epochs
+    /// ([`crate::Replica::archives_wanted`]).
     #[error("document {name:?} is still syncing epoch {epoch}")]
     Syncing {
         /// The document.

@@ -101,9 +101,11 @@
 //! ([`Replica::archives_wanted`], [`Replica::archive_reply`],
 //! [`Replica::receive_archive`]; over NATS in [`sync`]) until a peer whose own
 //! archive is complete answered, and merges the blobs it lacks. Until then
-//! (one anti-entropy round when a peer is reachable) it recognises only the
-//! op_ids of the last two epochs and of those it has seen since; the metric
-//! `archives_wanted` says so. A merged archive is kept in its snapshots (with
+//! (a round trip when a peer is reachable) it refuses increments of that
+//! counter ([`Error::Syncing`]): it recognises only the op_ids of the last two
+//! epochs, so a retry of an older one would count again. With no complete peer
+//! it takes them again once the dedup window has passed; the metric
+//! `archives_wanted` counts such counters. A merged archive is kept in its snapshots (with
 //! the want, format 5); recovered from its log alone it asks again. A genesis
 //! built by an earlier version seals the whole window (the
 //! archive is cleared then); an earlier version cannot use a chained one:

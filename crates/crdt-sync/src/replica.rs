@@ -233,6 +233,9 @@ struct DocState {
     /// new member) lacks the sealed tombstones of the epochs before: it asks its peers for
     /// their archive ([`Replica::archive_reply`]) until one whose own is complete answered.
     archive_wanted: bool,
+    /// The first tick that found `archive_wanted` (not saved: a restart starts it again).
+    /// Once the dedup window has passed since, nothing an archive could hold is inside it.
+    archive_wanted_since_ms: Option<u64>,
     /// Exact counter total, for overflow checks; `None` after remote changes.
     counter_total: Option<i128>,
     /// Changes handed to automerge that it queued (their dependencies were missing), so
@@ -281,6 +284,7 @@ impl DocState {
             indexed: false,
             self_joined: false,
             archive_wanted: false,
+            archive_wanted_since_ms: None,
             counter_total: None,
             pending: Some(Vec::new()),
         };
@@ -586,6 +590,10 @@ impl<L: OpLog> Replica<L> {
             return Err(Error::ZeroAmount);
         }
         self.check_ready(doc)?;
+        if let Some(state) = self.docs.get(doc).filter(|state| state.archive_wanted) {
+            // Without the earlier epochs' op_ids a retry of one of them would count again.
+            return Err(Error::Syncing { name: doc.to_string(), epoch: state.cur.epoch });
+        }
         if let Some(state) = self.docs.get(doc)
             && let Some(existing) = known_op(state, doc, op_id)?
         {
@@ -686,6 +694,15 @@ impl<L: OpLog> Replica<L> {
         let bucket_ms = (self.dedup_window_ms / TOMBSTONE_BUCKETS_PER_WINDOW).max(1);
         let mut out = Vec::new();
         for id in counters {
+            let window_ms = self.dedup_window_ms;
+            let state = self.docs.get_mut(&id).expect("listed above");
+            if state.archive_wanted {
+                let since_ms = *state.archive_wanted_since_ms.get_or_insert(now_ms);
+                if now_ms.saturating_sub(since_ms) >= window_ms {
+                    state.archive_wanted = false;
+                    tracing::warn!(doc = %id, "no complete archive from a peer within the dedup window; taking increments again");
+                }
+            }
             if !self.docs[&id].cur.ready() {
                 continue;
             }
@@ -1305,8 +1322,10 @@ impl<L: OpLog> Replica<L> {
 
     /// Counters whose archive of earlier epochs' sealed tombstones this replica lacks (it
     /// started them at a later epoch: restored without its data, or a new member). Until
-    /// a peer's archive is merged ([`Replica::receive_archive`]), a retry of an op_id from
-    /// those epochs would count again here. Ask every peer for [`Replica::archive_reply`].
+    /// a peer's archive is merged ([`Replica::receive_archive`]) it refuses their
+    /// increments ([`Error::Syncing`]: a retry of an op_id from those epochs would count
+    /// again), or until the dedup window has passed since the first tick that found it
+    /// wanting. Ask every peer for [`Replica::archive_reply`].
     pub fn archives_wanted(&self) -> Vec<DocId> {
         self.docs
             .iter()
@@ -2062,6 +2081,10 @@ mod tests {
         let wanting = r[2].snapshot();
         let known_before = value(&r[2]).tombstones;
         assert!(known_before < total / 2, "without the archive: {known_before} of {total}");
+        // Until then it takes no increment: a retry of an older op_id would count again.
+        let refused = r[2].increment(&doc, "op-0-5", 1, 40_000);
+        assert!(matches!(refused, Err(Error::Syncing { .. })), "{refused:?}");
+        assert_eq!(value(&r[2]).value, total as i64);
         // Every chunk of `from`'s reply, `bytes_max` of blobs each.
         let reply = |from: &Replica<MemOpLog>, bytes_max: usize| {
             let mut chunks = Vec::new();
@@ -2128,7 +2151,16 @@ mod tests {
         assert_eq!(from_log.archives_wanted(), vec![doc.clone()]);
         // A snapshot taken while the archive was wanted says so.
         let wanting = Replica::recover(epoch_config("c", 8), MemOpLog::new(), Some(&wanting.bytes));
-        assert_eq!(wanting.unwrap().archives_wanted(), vec![doc]);
+        let mut wanting = wanting.unwrap();
+        assert_eq!(wanting.archives_wanted(), vec![doc.clone()]);
+        // With no complete peer ever answering, it takes increments again once the dedup
+        // window has passed since its first tick that wanted the archive.
+        wanting.tick(50_000).unwrap();
+        wanting.tick(50_000 + 119_999).unwrap();
+        assert_eq!(wanting.archives_wanted(), vec![doc.clone()]);
+        wanting.tick(50_000 + 120_000).unwrap();
+        assert!(wanting.archives_wanted().is_empty());
+        assert!(wanting.increment(&doc, "late", 1, 170_000).unwrap().applied);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use crdt_sync::{DocId, DocKind, MemOpLog, Replica, ReplicaConfig};
+use crdt_sync::{ArchiveChunk, DocId, DocKind, MemOpLog, Replica, ReplicaConfig};
 
 /// A change batch in flight.
 #[derive(Debug, Clone)]
@@ -184,6 +184,23 @@ impl Network {
                 }
             }
             assert!(settled, "anti-entropy {a}<->{b} on {doc} did not settle");
+        }
+        // A side that started a counter at a later epoch gets the other's archive.
+        for (to, from) in [(a, b), (b, a)] {
+            for doc in self.nodes[to].replica.archives_wanted() {
+                let mut next = Some(0);
+                while let Some(start) = next {
+                    let Some((chunk, after)) =
+                        self.nodes[from].replica.archive_reply(&doc, start, 64 * 1024)
+                    else {
+                        break;
+                    };
+                    let chunk = ArchiveChunk::decode(&doc, &chunk).expect("archive chunk");
+                    let from_name = self.names[from].clone();
+                    self.nodes[to].replica.receive_archive(&doc, &from_name, chunk);
+                    next = after;
+                }
+            }
         }
         self.publish_outgoing(a);
         self.publish_outgoing(b);
