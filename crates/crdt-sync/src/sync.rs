@@ -891,14 +891,14 @@ async fn answer_sync<L: OpLog + Send + 'static>(
             // than at the next round.
             let ask = replica.archives_wanted().contains(&doc)
                 && shared.archive_asked.lock().is_ok_and(|mut asked| asked.insert(doc.clone()));
-            (reply, ask.then(|| replica.members().to_vec()))
+            (reply, ask.then(|| peers_of(&shared, &replica)))
         })
         .await
         .unwrap_or_default();
         if let Some(reply) = reply {
             send_sync(&shared, &client, &doc, &from, reply).await;
         }
-        for peer in ask_archive.iter().flatten().filter(|peer| **peer != shared.node_id) {
+        for peer in ask_archive.iter().flatten() {
             request_archive(&shared, &client, &doc, peer).await;
         }
     }
